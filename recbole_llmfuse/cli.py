@@ -1,0 +1,114 @@
+"""Console commands.
+
+* ``run_recbole`` — RecBole's ``run_recbole.py`` as an installed command, plugin-aware: the same flags
+  (``--model/-m``, ``--dataset/-d``, ``--config_files``, ``--nproc``, ``--ip``, ``--port``,
+  ``--world_size``, ``--group_offset``) plus RecBole's ``--key=value`` overrides.
+* ``recbole-llmfuse`` — the umbrella command: ``run`` (same as ``run_recbole``) and ``models``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+ERROR_EXIT = 2
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", type=str, default="BPR", help="model name (default: BPR, as RecBole)")
+    parser.add_argument("--dataset", "-d", type=str, default="ml-100k", help="dataset name (default: ml-100k)")
+    parser.add_argument("--config_files", type=str, default=None, help="space-separated YAML config files")
+    parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this node; >1 uses DDP")
+    parser.add_argument("--ip", type=str, default="localhost", help="DDP master address")
+    parser.add_argument("--port", type=str, default="5678", help="DDP master port")
+    parser.add_argument("--world_size", type=int, default=-1, help="total DDP processes over all nodes")
+    parser.add_argument("--group_offset", type=int, default=0, help="global rank offset of this node")
+    parser.epilog = (
+        "Any other setting is a RecBole override written --key=value, e.g. "
+        "--epochs=2 --train_batch_size=512 --MAX_ITEM_LIST_LENGTH=20."
+    )
+
+
+def _fmt(result: dict) -> str:
+    return "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
+
+
+def _run(args: argparse.Namespace, overrides: List[str], prog: str) -> int:
+    import recbole_llmfuse
+    from recbole_llmfuse.config import parse_overrides
+
+    parse_overrides(overrides)  # fail fast, before any data is loaded
+    config_file_list = args.config_files.strip().split(" ") if args.config_files else None
+    result = recbole_llmfuse.run(
+        args.model,
+        args.dataset,
+        config_file_list=config_file_list,
+        nproc=args.nproc,
+        world_size=args.world_size,
+        ip=args.ip,
+        port=args.port,
+        group_offset=args.group_offset,
+        argv=overrides,
+    )
+    if result is None:
+        return 0
+    print(f"best valid ({args.model} on {args.dataset}): {_fmt(result['best_valid_result'] or {})}")
+    print(f"test result ({args.model} on {args.dataset}): {_fmt(result['test_result'] or {})}")
+    summary = {
+        "model": args.model,
+        "dataset": args.dataset,
+        "best_valid_score": result["best_valid_score"],
+        "best_valid_result": dict(result["best_valid_result"] or {}),
+        "test_result": dict(result["test_result"] or {}),
+        "model_file": result.get("model_file"),
+    }
+    print("result: " + json.dumps(summary, default=float))
+    return 0
+
+
+def _guarded(fn, prog: str) -> int:
+    from recbole_llmfuse.config import ConfigError
+    from recbole_llmfuse.data import DatasetNotFoundError
+    from recbole_llmfuse.registry import ModelNotFoundError
+
+    try:
+        return fn()
+    except (ConfigError, ModelNotFoundError, DatasetNotFoundError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return ERROR_EXIT
+
+
+def run_recbole_main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``run_recbole`` command."""
+    parser = argparse.ArgumentParser(prog="run_recbole", description="Train and test a RecBole or plugin model.")
+    _add_run_arguments(parser)
+    args, overrides = parser.parse_known_args(argv)
+    return _guarded(lambda: _run(args, overrides, "run_recbole"), "run_recbole")
+
+
+def _models(_args) -> int:
+    from recbole_llmfuse.registry import available_models
+
+    for name, source in available_models().items():
+        print(f"{name}\t{source}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``recbole-llmfuse`` command."""
+    parser = argparse.ArgumentParser(prog="recbole-llmfuse", description="LLM-fusion models for RecBole.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser = sub.add_parser("run", help="train and test a model (same as run_recbole)")
+    _add_run_arguments(run_parser)
+    sub.add_parser("models", help="list every model usable by name, with the package that provides it")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "run":
+        return _guarded(lambda: _run(args, rest, "recbole-llmfuse run"), "recbole-llmfuse run")
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return _models(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""A plugin-aware RecBole ``Config``.
+
+Differences from ``recbole.config.Config`` (everything else is RecBole's own code path):
+
+* model names resolve through :mod:`recbole_llmfuse.registry` (plugins, then RecBole);
+* a plugin model's ``properties/model/<Name>.yaml`` is layered exactly where RecBole layers its own
+  model YAMLs: after ``overall.yaml``, before the dataset YAMLs and the model-type quick-start YAML;
+* command-line overrides come from ``argv`` when given (our CLI passes its left-over arguments; pass
+  ``argv=[]`` from Python to ignore ``sys.argv``), else from ``sys.argv`` as RecBole does. Malformed
+  overrides and values of the wrong type raise :class:`ConfigError`;
+* ``data_path`` is absolute (Ray trials and DDP workers change the working directory), and
+  ``ml-100k`` resolves to a writable copy under ``data_path`` instead of RecBole's package folder
+  (see :func:`recbole_llmfuse.data.create_dataset`, which makes the copy).
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import List, Optional
+
+from recbole.config import Config as RecBoleConfig
+from recbole.utils import InputType, ModelType
+
+from recbole_llmfuse import registry
+
+_OVERRIDE = re.compile(r"^--([A-Za-z_][\w.\-]*)=(.*)$", re.S)
+
+
+class ConfigError(ValueError):
+    """A bad configuration value or command-line override."""
+
+
+def parse_overrides(args: List[str]) -> dict:
+    """``["--epochs=2", "--lr=1e-3"]`` -> ``{"epochs": "2", "lr": "1e-3"}`` (values still strings).
+
+    Raises :class:`ConfigError` for anything that is not ``--key=value``.
+    """
+    out = {}
+    for arg in args:
+        match = _OVERRIDE.match(arg)
+        if match is None:
+            raise ConfigError(
+                f"malformed override '{arg}': overrides are written --key=value "
+                f"(e.g. --epochs=2 --train_batch_size=512), with no space around '='."
+            )
+        key, value = match.groups()
+        if key in out and out[key] != value:
+            raise ConfigError(f"override '--{key}' given twice with different values ({out[key]!r}, {value!r}).")
+        out[key] = value
+    return out
+
+
+class Config(RecBoleConfig):
+    """RecBole's ``Config`` with plugin model lookup (see module docstring)."""
+
+    def __init__(
+        self,
+        model=None,
+        dataset=None,
+        config_file_list=None,
+        config_dict=None,
+        argv: Optional[List[str]] = None,
+    ):
+        self._argv = argv
+        self._plugin_model_yaml = None
+        super().__init__(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+        self._check_override_types()
+
+    # -- command line -------------------------------------------------------------------------------
+    def _load_cmd_line(self):
+        if self._argv is None:
+            return super()._load_cmd_line()
+        return self._convert_config_dict(parse_overrides(self._argv))
+
+    def _check_override_types(self):
+        """A numeric/bool default overridden by a string that did not parse is a typo: say so."""
+        for key, value in self.cmd_config_dict.items():
+            default = self.internal_config_dict.get(key)
+            if default is None or not isinstance(value, str):
+                continue
+            if isinstance(default, bool):
+                expected = "true or false"
+            elif isinstance(default, (int, float)):
+                expected = "a number"
+            else:
+                continue
+            raise ConfigError(
+                f"override --{key}={value}: expected {expected} (the default is {default!r})."
+            )
+
+    # -- model lookup -------------------------------------------------------------------------------
+    def _get_model_and_dataset(self, model, dataset):
+        if model is None:
+            model = self.external_config_dict.get("model")
+            if model is None:
+                raise ConfigError("no model given: pass --model=NAME (or model: NAME in a config file).")
+        model_class = registry.get_model(model)
+        if dataset is None:
+            dataset = self.external_config_dict.get("dataset")
+            if dataset is None:
+                raise ConfigError("no dataset given: pass --dataset=NAME (or dataset: NAME in a config file).")
+        return model_class.__name__ if not isinstance(model, str) else model, model_class, dataset
+
+    def _load_internal_config_dict(self, model, model_class, dataset):
+        self._plugin_model_yaml = registry.model_config_file(model_class)
+        super()._load_internal_config_dict(model, model_class, dataset)
+
+    def _update_internal_config_dict(self, file):
+        config_dict = super()._update_internal_config_dict(file)
+        # RecBole loads overall.yaml, then properties/model/<model>.yaml: put ours in that slot.
+        if self._plugin_model_yaml and os.path.basename(file) == "overall.yaml":
+            plugin_yaml, self._plugin_model_yaml = self._plugin_model_yaml, None
+            super()._update_internal_config_dict(plugin_yaml)
+        return config_dict
+
+    def _get_final_config_dict(self):
+        final = super()._get_final_config_dict()
+        # RecBole's overall.yaml samples one negative per positive, and a sequential model with
+        # loss_type CE then stops with "train_neg_sample_args should be None when the loss_type is CE"
+        # unless every user repeats `train_neg_sample_args: ~`. Only a default is changed here: a value
+        # the user set still meets RecBole's check.
+        if (
+            final.get("loss_type") == "CE"
+            and final.get("MODEL_TYPE") == ModelType.SEQUENTIAL
+            and "train_neg_sample_args" not in self.external_config_dict
+        ):
+            final["train_neg_sample_args"] = None
+        return final
+
+    # -- paths --------------------------------------------------------------------------------------
+    def _set_default_parameters(self):
+        super()._set_default_parameters()
+        if self.final_config_dict.get("loss_type") == "BCE" and "MODEL_INPUT_TYPE" not in self.final_config_dict:
+            # RecBole derives the input type from CE/BPR only; BCE trains on sampled negatives like BPR.
+            self.final_config_dict["MODEL_INPUT_TYPE"] = InputType.PAIRWISE
+        if self.dataset == "ml-100k":
+            root = self.external_config_dict.get("data_path") or self.internal_config_dict.get("data_path", "dataset/")
+            self.final_config_dict["data_path"] = os.path.join(root, self.dataset)
+        self.final_config_dict["data_path"] = os.path.abspath(os.path.expanduser(self.final_config_dict["data_path"]))
+        for key in ("checkpoint_dir",):
+            if self.final_config_dict.get(key):
+                self.final_config_dict[key] = os.path.abspath(os.path.expanduser(self.final_config_dict[key]))
+
+
+__all__ = ["Config", "ConfigError", "parse_overrides"]

@@ -1,0 +1,102 @@
+"""Base classes of every model in this package.
+
+* :class:`SequentialBase` — a RecBole ``SequentialRecommender`` written as three methods
+  (``forward`` -> sequence representation, ``item_vectors``, ``all_item_vectors``; or override
+  ``score_items``/``score_all`` for non-dot-product scoring); it supplies the losses
+  (``loss_type``: ``CE`` | ``BPR`` | ``BCE``), ``predict`` and ``full_sort_predict``.
+* :class:`LLMFusedSequentialRecommender` — adds the frozen item text-embedding table
+  (``self.item_text_emb``, ``[n_items, text_dim]``, row = internal item id), read from the dataset's
+  ``.itememb`` files by :class:`~recbole_llmfuse.data.LLMSequentialDataset`. The table is a
+  non-persistent buffer: checkpoints stay small and reloading rebuilds it from the same file.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from recbole.model.abstract_recommender import SequentialRecommender
+
+from recbole_llmfuse.data import LLMSequentialDataset
+from recbole_llmfuse.model.sequential import init_weights
+
+LOSS_TYPES = ("CE", "BPR", "BCE")
+
+
+class SequentialBase(SequentialRecommender):
+    """Subclasses implement ``forward`` and ``item_vectors``/``all_item_vectors`` (see module docstring)."""
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.loss_type = config["loss_type"]
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type '{self.loss_type}' is not supported by {type(self).__name__}; use one of {LOSS_TYPES}")
+        self.initializer_range = config["initializer_range"]
+
+    def init_parameters(self) -> None:
+        """RecBole's SASRec initialisation over every sub-module (call at the end of ``__init__``)."""
+        self.apply(functools.partial(init_weights, std=self.initializer_range))
+
+    # -- to implement -------------------------------------------------------------------------------
+    def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor):
+        """``item_seq [B, L]``, ``item_seq_len [B]`` -> the model's sequence representation."""
+        raise NotImplementedError
+
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """Candidate vectors of given items: ``[B]`` -> ``[B, D]`` (``[B, K]`` -> ``[B, K, D]``)."""
+        raise NotImplementedError
+
+    def all_item_vectors(self) -> torch.Tensor:
+        """Candidate vectors of every item: ``[n_items, D]``."""
+        raise NotImplementedError
+
+    # -- dot-product scoring; models that score otherwise (e.g. gated experts) override these ---------
+    def score_items(self, seq_output, items: torch.Tensor) -> torch.Tensor:
+        """Scores of given items: ``items [B]`` -> ``[B]`` (or ``[B, K]`` -> ``[B, K]``)."""
+        emb = self.item_vectors(items)
+        return (emb * (seq_output if items.dim() == 1 else seq_output.unsqueeze(1))).sum(-1)
+
+    def score_all(self, seq_output) -> torch.Tensor:
+        """Scores of every item: ``[B, n_items]``."""
+        return seq_output @ self.all_item_vectors().T
+
+    # -- RecBole interface --------------------------------------------------------------------------
+    def _seq_output(self, interaction):
+        return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+
+    def calculate_loss(self, interaction) -> torch.Tensor:
+        seq_output = self._seq_output(interaction)
+        pos_items = interaction[self.POS_ITEM_ID]
+        if self.loss_type == "CE":
+            return F.cross_entropy(self.score_all(seq_output), pos_items)
+        pos = self.score_items(seq_output, pos_items)
+        neg = self.score_items(seq_output, interaction[self.NEG_ITEM_ID])
+        if self.loss_type == "BPR":  # RecBole's BPRLoss
+            return -torch.log(1e-10 + torch.sigmoid(pos - neg)).mean()
+        return F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos)) + F.binary_cross_entropy_with_logits(
+            neg, torch.zeros_like(neg)
+        )
+
+    def predict(self, interaction) -> torch.Tensor:
+        return self.score_items(self._seq_output(interaction), interaction[self.ITEM_ID])
+
+    def full_sort_predict(self, interaction) -> torch.Tensor:
+        return self.score_all(self._seq_output(interaction))
+
+
+class LLMFusedSequentialRecommender(SequentialBase):
+    """:class:`SequentialBase` with ``self.item_text_emb`` (frozen ``[n_items, text_dim]`` buffer)."""
+
+    dataset_class = LLMSequentialDataset
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        if not hasattr(dataset, "item_embedding_table"):
+            raise TypeError(
+                f"{type(self).__name__} needs a dataset built by recbole_llmfuse.create_dataset "
+                f"(an LLMSequentialDataset), got {type(dataset).__name__}; use recbole_llmfuse's "
+                f"run_recbole/create_dataset instead of RecBole's."
+            )
+        table = torch.from_numpy(dataset.item_embedding_table())
+        self.register_buffer("item_text_emb", table, persistent=False)
+        self.text_dim = table.shape[1]

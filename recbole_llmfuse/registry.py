@@ -1,0 +1,168 @@
+"""Find models (and their trainers and default YAMLs) by name.
+
+Lookup order for a model name (the RecBole-GNN pattern: extend RecBole's lookup, then fall back to it):
+
+1. the ``recbole_llmfuse.models`` entry-point group — this package's models and those of any other
+   installed package that declares ``Name = module:Class`` in that group;
+2. RecBole's built-in models (``SASRec``, ``GRU4Rec``, ``BERT4Rec``, ...).
+
+An unknown name raises :class:`ModelNotFoundError`, which lists every available name.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import os
+from importlib import metadata
+from typing import Dict, Optional, Type
+
+ENTRY_POINT_GROUP = "recbole_llmfuse.models"
+
+#: RecBole's model sub-packages. ``exlib_recommender`` (LightGBM/XGBoost) is only searched when its
+#: libraries are installed: RecBole's own ``get_model`` answers an unknown name with
+#: ``No module named 'lightgbm'`` because it imports that sub-package unconditionally.
+_RECBOLE_SUBPACKAGES = (
+    "general_recommender",
+    "context_aware_recommender",
+    "sequential_recommender",
+    "knowledge_aware_recommender",
+    "exlib_recommender",
+)
+
+
+class ModelNotFoundError(ValueError):
+    """Raised for a model name that no entry point and no RecBole module defines."""
+
+
+def _entry_points():
+    eps = metadata.entry_points()
+    if hasattr(eps, "select"):
+        return list(eps.select(group=ENTRY_POINT_GROUP))
+    return list(eps.get(ENTRY_POINT_GROUP, []))  # Python < 3.10
+
+
+@functools.lru_cache(maxsize=None)
+def plugin_entry_points() -> Dict[str, "metadata.EntryPoint"]:
+    """``{name: entry point}`` of every installed plugin model (first distribution wins on a clash)."""
+    found: Dict[str, metadata.EntryPoint] = {}
+    for ep in _entry_points():
+        found.setdefault(ep.name, ep)
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def recbole_model_names() -> Dict[str, str]:
+    """``{name: module}`` of RecBole's built-in models, read from its package layout (no heavy imports)."""
+    import recbole.model as recbole_model
+
+    names: Dict[str, str] = {}
+    root = os.path.dirname(recbole_model.__file__)
+    for sub in _RECBOLE_SUBPACKAGES:
+        folder = os.path.join(root, sub)
+        if not os.path.isdir(folder):
+            continue
+        for fname in sorted(os.listdir(folder)):
+            if fname.endswith(".py") and not fname.startswith("_"):
+                names[fname[:-3]] = f"recbole.model.{sub}.{fname[:-3]}"
+    return names  # keys are lower-case module names; classes are resolved on demand
+
+
+def refresh() -> None:
+    """Forget cached lookups (after installing a package or changing ``sys.path`` at run time)."""
+    plugin_entry_points.cache_clear()
+    recbole_model_names.cache_clear()
+    importlib.invalidate_caches()
+
+
+def _recbole_class(name: str) -> Optional[type]:
+    module_name = recbole_model_names().get(name.lower())
+    if module_name is None:
+        return None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:  # e.g. exlib models without lightgbm/xgboost installed
+        return None
+    return getattr(module, name, None)
+
+
+def available_models() -> Dict[str, str]:
+    """``{name: source}`` for every model usable by name; source is a distribution or ``recbole``."""
+    out: Dict[str, str] = {}
+    from recbole.model.abstract_recommender import AbstractRecommender
+
+    for module_name in sorted(set(recbole_model_names().values())):
+        if ".exlib_recommender." in module_name:
+            continue  # needs optional libraries; still found by get_model when they are installed
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        for attr, obj in vars(module).items():
+            if (
+                inspect.isclass(obj)
+                and issubclass(obj, AbstractRecommender)
+                and obj.__module__ == module_name
+                and attr.lower() == module_name.rsplit(".", 1)[-1]
+            ):
+                out[attr] = "recbole"
+    for name, ep in plugin_entry_points().items():
+        dist = getattr(ep, "dist", None)
+        out[name] = dist.metadata["Name"] if dist is not None else ep.value
+    return dict(sorted(out.items(), key=lambda kv: kv[0].lower()))
+
+
+def get_model(name: str) -> Type:
+    """The model class registered under ``name`` (plugins first, then RecBole)."""
+    if not isinstance(name, str):
+        return name
+    ep = plugin_entry_points().get(name)
+    if ep is not None:
+        return ep.load()
+    cls = _recbole_class(name)
+    if cls is not None:
+        return cls
+    names = ", ".join(available_models())
+    raise ModelNotFoundError(
+        f"unknown model '{name}'. Available models: {names}. Names are case-sensitive; a model of "
+        f"another package is found once that package is installed and declares it in the "
+        f"'{ENTRY_POINT_GROUP}' entry-point group."
+    )
+
+
+def get_trainer(model_type, model_name):
+    """The trainer class for a model: its ``trainer_class`` attribute if it has one, else RecBole's rule."""
+    from recbole.utils import get_trainer as recbole_get_trainer
+
+    model_class = get_model(model_name)
+    trainer = getattr(model_class, "trainer_class", None)
+    if trainer is not None:
+        return trainer
+    return recbole_get_trainer(model_type, model_name)
+
+
+def model_config_file(model_class: type) -> Optional[str]:
+    """The default YAML of a plugin model: ``<top package>.properties`` / ``model/<Name>.yaml``, if present.
+
+    A class may also name its file explicitly with a ``config_file`` attribute (absolute path).
+    RecBole's own models return ``None``: RecBole's ``Config`` loads theirs.
+    """
+    explicit = getattr(model_class, "config_file", None)
+    if explicit:
+        return explicit
+    module = model_class.__module__
+    if module.startswith("recbole."):
+        return None
+    top = module.split(".")[0]
+    folders = []
+    try:  # a `properties` sub-package (ours is mapped there from the repository's top-level properties/)
+        folders += list(importlib.import_module(f"{top}.properties").__path__)
+    except ImportError:
+        pass
+    top_module = importlib.import_module(top)
+    folders += [os.path.join(p, "properties") for p in getattr(top_module, "__path__", [])]
+    for folder in folders:
+        candidate = os.path.join(folder, "model", f"{model_class.__name__}.yaml")
+        if os.path.isfile(candidate):
+            return candidate
+    return None
