@@ -1,4 +1,12 @@
-"""Shims that let RecBole 1.2.1 run on today's stack (numpy 2, torch >= 2.6, pandas 3, ray).
+"""Shims that let RecBole 1.2.1 run on today's stack (numpy 2, torch >= 2.6, ray 2.6.3).
+
+pandas 3 is *pinned out* (``pandas<3`` in setup.cfg) rather than shimmed: besides copy-on-write making
+RecBole's ``df[col].fillna(..., inplace=True)`` a no-op (3 call sites), pandas 3 changed
+``Series.agg(len)`` / ``Series.agg(np.concatenate)`` to act on the whole Series instead of on each
+element, which RecBole uses at 11 call sites (id remapping of every ``token_seq`` column, normalisation,
+discretisation, KG and benchmark-file loading). Measured on pandas 3.1.1: any dataset that loads a
+``token_seq`` column (e.g. ml-100k's titles and genres) fails in ``_remap``. A shim would re-implement six
+RecBole methods.
 
 Applied once, on ``import recbole_llmfuse``, before anything else imports RecBole. Every shim is small,
 scoped to RecBole's own modules, and a no-op where the installed version does not need it. Each one
@@ -87,63 +95,6 @@ def _torch_checkpoint_loading() -> None:
             module.torch = proxy
 
 
-class _SeqFillingPandas(types.ModuleType):
-    """``pandas`` as seen by RecBole's ``Dataset``: ``read_csv`` fills blank sequence cells with ``""``.
-
-    pandas 3 made copy-on-write the only mode, so ``df[field].fillna(value="", inplace=True)`` in
-    ``Dataset._load_feat`` silently does nothing and a blank ``token_seq``/``float_seq`` cell crashes
-    with ``'float' object has no attribute 'split'`` (pandas PDEP-7 "Copy-on-Write"; no RecBole fix
-    upstream as of 1.2.1).
-    Filling the blank cells right after reading gives exactly what RecBole intended.
-    """
-
-    def __init__(self, pandas_module):
-        super().__init__("pandas")
-        self._pd = pandas_module
-
-    def __getattr__(self, name):
-        return getattr(self._pd, name)
-
-    def read_csv(self, *args, **kwargs):
-        df = self._pd.read_csv(*args, **kwargs)
-        for column in df.columns:
-            if str(column).endswith(("token_seq", "float_seq")):
-                df[column] = df[column].fillna("")
-        return df
-
-
-def _fill_nan(self):
-    """Copy-on-write-safe twin of ``recbole.data.dataset.Dataset._fill_nan`` (same semantics)."""
-    import numpy as np
-    from recbole.utils import FeatureType
-
-    for feat_name in self.feat_name_list:
-        feat = getattr(self, feat_name)
-        for field in feat:
-            ftype = self.field2type[field]
-            if ftype == FeatureType.TOKEN:
-                feat[field] = feat[field].fillna(value=0)
-            elif ftype == FeatureType.FLOAT:
-                feat[field] = feat[field].fillna(value=feat[field].mean())
-            else:
-                dtype = np.int64 if ftype == FeatureType.TOKEN_SEQ else np.float64
-                feat[field] = feat[field].apply(
-                    lambda x: np.array([], dtype=dtype) if isinstance(x, float) else x
-                )
-
-
-def _pandas_copy_on_write() -> None:
-    import pandas as pd
-
-    if int(pd.__version__.split(".")[0]) < 3:
-        return
-    from recbole.data.dataset import dataset as dataset_module
-
-    if getattr(dataset_module, "pd", None) is pd:
-        dataset_module.pd = _SeqFillingPandas(pd)
-    dataset_module.Dataset._fill_nan = _fill_nan
-
-
 def _autograd_anomaly_off() -> None:
     """RecBole 1.2.1's ``sequential_recommender/sine.py`` runs ``torch.autograd.set_detect_anomaly(True)``
     at import, and ``recbole.model.sequential_recommender`` imports it with every sequential model: every
@@ -164,9 +115,12 @@ def apply() -> None:
     global _APPLIED
     if _APPLIED:
         return
+    import warnings
+
+    # ray <= 2.6.3 imports pkg_resources on `import ray` (and recbole imports ray): not actionable by users.
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
     _numpy_aliases()
     _torch_checkpoint_loading()
-    _pandas_copy_on_write()
     _autograd_anomaly_off()
     _APPLIED = True
 

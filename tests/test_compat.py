@@ -1,0 +1,64 @@
+"""The compatibility shims: each fixes its breakage and leaves everything else alone."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import recbole_llmfuse  # noqa: F401
+from recbole_llmfuse import Config, create_dataset
+
+
+def test_numpy_aliases_for_recbole_and_ray():
+    for name in ("float_", "complex_", "unicode_", "bool8", "float", "long"):
+        assert hasattr(np, name)
+
+
+def test_autograd_anomaly_mode_is_off_after_recbole_import():
+    import recbole.model.sequential_recommender  # noqa: F401  (imports sine.py, which turns it on)
+
+    assert not torch.is_anomaly_enabled()
+
+
+class _NotAWeight:
+    pass
+
+
+def test_trusted_load_only_inside_recbole(tmp_path):
+    """RecBole's trainer loads its full-pickle checkpoints; torch.load's safe default is unchanged."""
+    from recbole.trainer import trainer as trainer_module
+
+    path = tmp_path / "ckpt.pth"
+    torch.save({"config": _NotAWeight(), "state_dict": {}}, path)
+    assert isinstance(trainer_module.torch.load(path)["config"], _NotAWeight)
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 6):
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(path)
+
+
+def test_blank_token_seq_cell_loads(small_data_path, tmp_path):
+    """A blank token_seq cell becomes an empty sequence (pandas 3 crashes here: hence the pandas<3 pin)."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(f"{small_data_path}/ml-small", root / "blank")
+    for suffix in ("inter", "item"):
+        (root / "blank" / f"ml-small.{suffix}").rename(root / "blank" / f"blank.{suffix}")
+    item_file = root / "blank" / "blank.item"
+    lines = item_file.read_text().splitlines()
+    cols = lines[1].split("\t")
+    cols[1] = ""  # blank movie_title:token_seq
+    lines[1] = "\t".join(cols)
+    item_file.write_text("\n".join(lines) + "\n")
+    config = Config(
+        "FastSASRec", "blank",
+        config_dict={"data_path": str(root), "load_col": {"inter": ["user_id", "item_id", "timestamp"],
+                                                          "item": ["item_id", "movie_title"]}},
+        argv=[],
+    )
+    dataset = create_dataset(config)
+    iid = dataset.token2id(dataset.iid_field, cols[0])
+    titles = dataset.item_feat["movie_title"]
+    assert len(titles[iid]) == 0 or int((titles[iid] != 0).sum()) == 0

@@ -1,0 +1,93 @@
+"""The fast shared encoder computes exactly RecBole's TransformerEncoder (masking and block order)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from recbole.model.layers import TransformerEncoder
+
+from recbole_llmfuse.model.layers import FastTransformerEncoder, dropout
+
+B, L, D = 32, 12, 64
+
+
+def _pair(**kwargs):
+    torch.manual_seed(0)
+    ref = TransformerEncoder(**kwargs).eval()
+    fast = FastTransformerEncoder(**kwargs).eval()
+    fast.load_recbole_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def _inputs():
+    torch.manual_seed(1)
+    x = torch.randn(B, L, D)
+    lengths = torch.randint(1, L + 1, (B,))
+    lengths[0] = L
+    padding = torch.arange(L)[None, :] < lengths[:, None]  # right-padded, as RecBole builds sequences
+    return x, lengths, padding
+
+
+def _recbole_mask(padding, causal):
+    mask = padding[:, None, None, :]
+    if causal:
+        mask = torch.tril(mask.expand(-1, -1, L, -1))
+    return torch.where(mask, 0.0, -10000.0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("hidden_act", ["gelu", "relu", "swish"])
+def test_equals_recbole_at_every_real_position(causal, hidden_act):
+    ref, fast = _pair(hidden_act=hidden_act)
+    x, lengths, padding = _inputs()
+    with torch.no_grad():
+        expected = ref(x, _recbole_mask(padding, causal))[-1]
+        got = fast(x, padding, causal=causal)
+        got_explicit = fast(x, padding, causal=causal, right_padded=False)  # explicit-mask path
+        got_last = fast.forward_at(x, padding, lengths - 1, causal=causal)
+    assert torch.allclose(got[padding], expected[padding], atol=1e-5)
+    assert torch.allclose(got_explicit[padding], expected[padding], atol=1e-5)
+    assert torch.allclose(got_last, expected[torch.arange(B), lengths - 1], atol=1e-5)
+
+
+def test_all_layers_output_like_recbole():
+    ref, fast = _pair(n_layers=3)
+    x, _, padding = _inputs()
+    with torch.no_grad():
+        expected = ref(x, _recbole_mask(padding, True), output_all_encoded_layers=True)
+        got = fast(x, padding, output_all_encoded_layers=True)
+    assert len(got) == 3
+    for e, g in zip(expected, got):
+        assert torch.allclose(g[padding], e[padding], atol=1e-5)
+
+
+def test_left_padding_needs_the_explicit_mask():
+    """With left padding the fast causal path would attend to padding: right_padded=False must match RecBole."""
+    ref, fast = _pair()
+    x, _, padding = _inputs()
+    padding = padding.flip(1)
+    with torch.no_grad():
+        expected = ref(x, _recbole_mask(padding, True))[-1]
+        got = fast(x, padding, causal=True, right_padded=False)
+    assert torch.allclose(got[padding], expected[padding], atol=1e-5)
+
+
+def test_fast_dropout_distribution_and_gradient():
+    torch.manual_seed(0)
+    x = torch.ones(200_000, requires_grad=True)
+    y = dropout(x, 0.3, training=True)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.01
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())
+    assert dropout(x, 0.3, training=False) is x
+
+
+def test_training_mode_runs_backward_through_every_path():
+    torch.manual_seed(0)
+    fast = FastTransformerEncoder(hidden_dropout_prob=0.2, attn_dropout_prob=0.2).train()
+    x, lengths, padding = _inputs()
+    x.requires_grad_(True)
+    out = fast.forward_at(x, padding, lengths - 1) .sum() + fast(x, padding, causal=False).sum()
+    out.backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
