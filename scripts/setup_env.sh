@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates (or reuses) a virtualenv and installs this package into it, non-editable, CPU torch first.
+#   VENV=.venv  PYTHON=python3  TORCH_VERSION=2.13.0  EXTRAS=llm,tune,dev   (environment overrides)
+# Source it (`source scripts/setup_env.sh`) to get $VENV; run it to just install.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+EXTRAS=${EXTRAS:-llm,tune,dev}
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+# A pinned CPU torch first: an unpinned torch requirement would pull a multi-GB CUDA build.
+"$VENV/bin/python" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+"$VENV/bin/python" -m pip install -q ".[${EXTRAS}]"
+"$VENV/bin/python" -m pip check
+export VENV
