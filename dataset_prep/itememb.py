@@ -36,7 +36,8 @@ def paths(data_path: str, dataset: str, suffix: str = DEFAULT_SUFFIX) -> Tuple[s
     return text, text + ".npz"
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
+    """Call ``write(binary_file)`` on a temp file beside ``path``, then rename it to ``path`` (no partial files)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
@@ -70,7 +71,7 @@ def write_item_embeddings(
     written = {}
     for fmt in formats:
         if fmt == "npz":
-            _atomic_write(
+            atomic_write(
                 npz_path,
                 lambda f: np.savez(f, item_id=np.asarray(tokens, dtype=str), embedding=matrix.astype(dtype)),
             )
@@ -82,7 +83,7 @@ def write_item_embeddings(
                 for token, row in zip(tokens, matrix.astype(dtype)):
                     f.write((token + "\t" + " ".join(repr(float(x)) for x in row) + "\n").encode())
 
-            _atomic_write(text_path, write_text)
+            atomic_write(text_path, write_text)
             written["text"] = text_path
         else:
             raise ValueError(f"unknown format '{fmt}'; use 'npz' or 'text'")

@@ -3,7 +3,7 @@
 * ``run_recbole`` — RecBole's ``run_recbole.py`` as an installed command, plugin-aware: the same flags
   (``--model/-m``, ``--dataset/-d``, ``--config_files``, ``--nproc``, ``--ip``, ``--port``,
   ``--world_size``, ``--group_offset``) plus RecBole's ``--key=value`` overrides.
-* ``recbole-llmfuse`` — the umbrella command: ``run`` (same as ``run_recbole``) and ``models``.
+* ``recbole-llmfuse`` — the umbrella command: ``run`` (same as ``run_recbole``), ``models`` and ``prep``.
 """
 from __future__ import annotations
 
@@ -70,11 +70,12 @@ def _run(args: argparse.Namespace, overrides: List[str], prog: str) -> int:
 def _guarded(fn, prog: str) -> int:
     from recbole_llmfuse.config import ConfigError
     from recbole_llmfuse.data import DatasetNotFoundError
+    from recbole_llmfuse.dataset_prep.itememb import ItemEmbeddingError
     from recbole_llmfuse.registry import ModelNotFoundError
 
     try:
         return fn()
-    except (ConfigError, ModelNotFoundError, DatasetNotFoundError) as err:
+    except (ConfigError, ModelNotFoundError, DatasetNotFoundError, ItemEmbeddingError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return ERROR_EXIT
 
@@ -95,6 +96,44 @@ def _models(_args) -> int:
     return 0
 
 
+def _add_prep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("hook", help="hook name, e.g. item_text_embedding (alias: embed)")
+    parser.add_argument("--dataset", "-d", required=True)
+    parser.add_argument("--data_path", default="dataset/", help="folder that holds <dataset>/ (default: dataset/)")
+    parser.add_argument("--config_files", default=None, help="YAML files; their '<hook>:' dict gives parameters")
+    parser.add_argument("--shard", default=None, help="i/N: compute only every N-th shard (merge when all exist)")
+    parser.add_argument("--force", action="store_true", help="run even if the outputs are fresh")
+    parser.epilog = "Hook parameters as key=value, e.g. backend=hf model=/models/llama pooling=last batch_size=8."
+
+
+def _prep(args: argparse.Namespace, rest: List[str]) -> int:
+    import yaml
+
+    import recbole_llmfuse  # noqa: F401  (compat shims)
+    from recbole_llmfuse.config import ConfigError
+    from recbole_llmfuse.data import dataset_folder
+    from recbole_llmfuse.dataset_prep.hooks import get_hook
+
+    name = {"embed": "item_text_embedding"}.get(args.hook, args.hook)
+    params = {}
+    for path in (args.config_files.split() if args.config_files else []):
+        with open(path) as f:
+            params.update((yaml.safe_load(f) or {}).get(name) or {})
+    for item in rest:
+        key, sep, value = item.lstrip("-").partition("=")
+        if not sep or not key:
+            raise ConfigError(f"malformed hook parameter '{item}': write key=value (e.g. backend=hf)")
+        params[key] = yaml.safe_load(value)
+    hook = get_hook(name)(dataset_folder(args.dataset, args.data_path), args.dataset, params)
+    state = hook.status()
+    if state == "fresh" and not args.force:
+        print(f"{name}: outputs are fresh ({', '.join(hook.outputs())}); nothing to do (--force to rerun)")
+        return 0
+    report = hook.run(shard=args.shard)
+    print(f"{name}: {report}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``recbole-llmfuse`` command."""
     parser = argparse.ArgumentParser(prog="recbole-llmfuse", description="LLM-fusion models for RecBole.")
@@ -102,9 +141,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     run_parser = sub.add_parser("run", help="train and test a model (same as run_recbole)")
     _add_run_arguments(run_parser)
     sub.add_parser("models", help="list every model usable by name, with the package that provides it")
+    _add_prep_arguments(sub.add_parser("prep", help="run a dataset-preparation hook (e.g. item text embeddings)"))
     args, rest = parser.parse_known_args(argv)
     if args.command == "run":
         return _guarded(lambda: _run(args, rest, "recbole-llmfuse run"), "recbole-llmfuse run")
+    if args.command == "prep":
+        return _guarded(lambda: _prep(args, rest), "recbole-llmfuse prep")
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return _models(args)

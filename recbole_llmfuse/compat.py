@@ -15,6 +15,7 @@ names the upstream problem it answers. See ``shared/notes/stack.md`` for the mea
 from __future__ import annotations
 
 import functools
+import importlib
 import types
 
 _APPLIED = False
@@ -95,6 +96,33 @@ def _torch_checkpoint_loading() -> None:
             module.torch = proxy
 
 
+def _pkg_resources_packaging() -> None:
+    """ray 2.6.3 (the newest recbole accepts) imports ``packaging`` through setuptools' ``pkg_resources``:
+    ``from pkg_resources import packaging`` (``ray.air``, so ``ray.tune``) and
+    ``pkg_resources._vendor.packaging.version`` (Ray Data). setuptools 71 stopped vendoring it there,
+    and torch 2.13 requires setuptools >= 77: point those names at the installed ``packaging``
+    (upstream: ray-project/ray moved to plain ``packaging`` after 2.6).
+    """
+    import sys
+
+    try:
+        import packaging.version
+        import pkg_resources
+    except ImportError:
+        return
+    if not hasattr(pkg_resources, "packaging"):
+        pkg_resources.packaging = packaging
+    if "pkg_resources._vendor.packaging" not in sys.modules:
+        try:
+            importlib.import_module("pkg_resources._vendor.packaging.version")
+        except ImportError:
+            vendor = types.ModuleType("pkg_resources._vendor")
+            vendor.packaging = packaging
+            sys.modules.setdefault("pkg_resources._vendor", vendor)
+            sys.modules["pkg_resources._vendor.packaging"] = packaging
+            sys.modules["pkg_resources._vendor.packaging.version"] = packaging.version
+
+
 def _autograd_anomaly_off() -> None:
     """RecBole 1.2.1's ``sequential_recommender/sine.py`` runs ``torch.autograd.set_detect_anomaly(True)``
     at import, and ``recbole.model.sequential_recommender`` imports it with every sequential model: every
@@ -120,6 +148,7 @@ def apply() -> None:
     # ray <= 2.6.3 imports pkg_resources on `import ray` (and recbole imports ray): not actionable by users.
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
     _numpy_aliases()
+    _pkg_resources_packaging()
     _torch_checkpoint_loading()
     _autograd_anomaly_off()
     _APPLIED = True

