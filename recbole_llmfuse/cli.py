@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -96,14 +97,33 @@ def _models(_args) -> int:
     return 0
 
 
-def _add_prep_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("hook", help="hook name, e.g. item_text_embedding (alias: embed)")
-    parser.add_argument("--dataset", "-d", required=True)
-    parser.add_argument("--data_path", default="dataset/", help="folder that holds <dataset>/ (default: dataset/)")
-    parser.add_argument("--config_files", default=None, help="YAML files; their '<hook>:' dict gives parameters")
-    parser.add_argument("--shard", default=None, help="i/N: compute only every N-th shard (merge when all exist)")
-    parser.add_argument("--force", action="store_true", help="run even if the outputs are fresh")
-    parser.epilog = "Hook parameters as key=value, e.g. backend=hf model=/models/llama pooling=last batch_size=8."
+def _add_prep_arguments(prep: argparse.ArgumentParser) -> None:
+    sub = prep.add_subparsers(dest="prep_command", required=True)
+    for name, help_text in (("embed", "item text embeddings -> <dataset>.itememb(.npz)"), ("hook", "any hook by name")):
+        p = sub.add_parser(name, help=help_text)
+        if name == "hook":
+            p.add_argument("hook", help="hook name (recbole_llmfuse.prep_hooks entry points included)")
+        p.add_argument("--dataset", "-d", required=True)
+        p.add_argument("--data_path", default="dataset/", help="folder that holds <dataset>/ (default: dataset/)")
+        p.add_argument("--config_files", default=None, help="YAML files; their '<hook>:' dict gives parameters")
+        p.add_argument("--shard", default=None, help="i/N: compute only every N-th shard (merge when all exist)")
+        p.add_argument("--force", action="store_true", help="run even if the outputs are fresh")
+        p.epilog = "Hook parameters as key=value, e.g. backend=hf model=/models/llama pooling=last batch_size=8."
+    p = sub.add_parser("amazon", help="Amazon Reviews 2018/2023 JSON -> RecBole atomic files")
+    p.add_argument("--name", required=True,
+                   help="dataset name: a short name (pantry, scientific, beauty, games, ...) or a category file name")
+    p.add_argument("--version", choices=["2018", "2023"], default="2018")
+    p.add_argument("--reviews", help="reviews file (.json.gz / .jsonl.gz)")
+    p.add_argument("--meta", help="metadata file (meta_*.json.gz / .jsonl.gz)")
+    p.add_argument("--download", action="store_true", help="fetch the public files first (needs internet)")
+    p.add_argument("--out", default="dataset/", help="writes <out>/<name>/<name>.inter and .item")
+    p.add_argument("--min_rating", type=float, default=None, help="keep ratings >= this (PAD: 4)")
+    p.add_argument("--k_core", type=int, default=0, help="iterative k-core for users and items")
+    p.add_argument("--user_k", type=int, default=None)
+    p.add_argument("--item_k", type=int, default=None)
+    p.add_argument("--last_n", type=int, default=None, help="keep each user's last N interactions (PAD: 23)")
+    p.add_argument("--drop_no_title", action="store_true")
+    p.add_argument("--skip_bad_lines", action="store_true", help="skip and count malformed lines instead of stopping")
 
 
 def _prep(args: argparse.Namespace, rest: List[str]) -> int:
@@ -111,10 +131,13 @@ def _prep(args: argparse.Namespace, rest: List[str]) -> int:
 
     import recbole_llmfuse  # noqa: F401  (compat shims)
     from recbole_llmfuse.config import ConfigError
+
+    if args.prep_command == "amazon":
+        return _prep_amazon(args, rest)
     from recbole_llmfuse.data import dataset_folder
     from recbole_llmfuse.dataset_prep.hooks import get_hook
 
-    name = {"embed": "item_text_embedding"}.get(args.hook, args.hook)
+    name = "item_text_embedding" if args.prep_command == "embed" else args.hook
     params = {}
     for path in (args.config_files.split() if args.config_files else []):
         with open(path) as f:
@@ -125,12 +148,38 @@ def _prep(args: argparse.Namespace, rest: List[str]) -> int:
             raise ConfigError(f"malformed hook parameter '{item}': write key=value (e.g. backend=hf)")
         params[key] = yaml.safe_load(value)
     hook = get_hook(name)(dataset_folder(args.dataset, args.data_path), args.dataset, params)
-    state = hook.status()
-    if state == "fresh" and not args.force:
+    if hook.status() == "fresh" and not args.force:
         print(f"{name}: outputs are fresh ({', '.join(hook.outputs())}); nothing to do (--force to rerun)")
         return 0
-    report = hook.run(shard=args.shard)
-    print(f"{name}: {report}")
+    print(f"{name}: {hook.run(shard=args.shard)}")
+    return 0
+
+
+def _prep_amazon(args: argparse.Namespace, rest: List[str]) -> int:
+    from recbole_llmfuse.config import ConfigError
+    from recbole_llmfuse.dataset_prep import amazon
+
+    if rest:
+        raise ConfigError(f"unrecognized arguments: {' '.join(rest)}")
+    reviews, meta = args.reviews, args.meta
+    if args.download:
+        reviews, meta = amazon.download(args.name, args.version, os.path.join(args.out, "raw"))
+    if not reviews:
+        raise ConfigError("give --reviews (and --meta) paths, or --download on a machine with internet access")
+    for path in (reviews, meta):
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"{path} does not exist")
+    options = amazon.AmazonOptions(
+        version=args.version, min_rating=args.min_rating,
+        user_k=args.user_k if args.user_k is not None else args.k_core,
+        item_k=args.item_k if args.item_k is not None else args.k_core,
+        last_n=args.last_n, drop_no_title=args.drop_no_title, skip_bad_lines=args.skip_bad_lines,
+    )
+    report = amazon.convert(args.name, reviews, meta, args.out, options)
+    print(report.table())
+    if report.bad_lines or report.duplicates or report.items_without_title:
+        print(f"skipped malformed lines: {report.bad_lines or 0}; duplicate reviews dropped: {report.duplicates}; "
+              f"items without title: {report.items_without_title}")
     return 0
 
 

