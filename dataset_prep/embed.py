@@ -252,16 +252,18 @@ class ItemTextEmbeddingHook(PrepHook):
         part = lambda k: os.path.join(self.parts_dir, f"part-{k:05d}.npz")  # noqa: E731
         todo = [k for k in range(index, n_shards, count) if not os.path.exists(part(k))]
         start = time.perf_counter()
+        encode_seconds = 0.0
         if todo:
             if self.params["ray_workers"]:
                 self._encode_with_ray(items, todo, size, part)
+                encode_seconds = time.perf_counter() - start
             else:
-                self._encode_locally(items, todo, size, part, progress)
-        seconds = time.perf_counter() - start
+                encode_seconds = self._encode_locally(items, todo, size, part, progress)
         n_encoded = sum(min(size, len(items.texts) - k * size) for k in todo)
         report = {
             "items": len(items.texts), "fallback_items": items.n_fallback, "shards_computed": len(todo),
-            "seconds": seconds, "items_per_s": n_encoded / seconds if seconds > 0 and n_encoded else None,
+            "encode_seconds": encode_seconds,
+            "encode_items_per_s": n_encoded / encode_seconds if encode_seconds > 0 and n_encoded else None,
             "merged": False,
         }
         if all(os.path.exists(part(k)) for k in range(n_shards)):
@@ -270,16 +272,19 @@ class ItemTextEmbeddingHook(PrepHook):
                 self.data_path, self.dataset, items.tokens, vectors, suffix=self.params["suffix"], formats=self.params["formats"]
             )
             report.update(merged=True, dim=int(vectors.shape[1]))
+            report["seconds"] = time.perf_counter() - start  # model load, encoding and writing
             self.write_manifest({"report": report})
             shutil.rmtree(self.parts_dir, ignore_errors=True)
             for stale in glob.glob(os.path.join(self.data_path, f".{self.dataset}.{self.params['suffix']}.parts-*")):
                 shutil.rmtree(stale, ignore_errors=True)  # parts of earlier, different settings
         return report
 
-    def _encode_locally(self, items, todo, size, part, progress):
+    def _encode_locally(self, items, todo, size, part, progress) -> float:
+        """Encodes the shards ``todo``; returns the seconds spent encoding (model loading excluded)."""
         from tqdm.auto import tqdm
 
         encoder = make_encoder(self.params)
+        start = time.perf_counter()
         bar = tqdm(total=sum(min(size, len(items.texts) - k * size) for k in todo), unit="item",
                    desc=f"embedding {self.dataset} items", disable=not progress)
         for k in todo:
@@ -289,6 +294,7 @@ class ItemTextEmbeddingHook(PrepHook):
             _save_part(part(k), vectors)
             bar.update(len(texts))
         bar.close()
+        return time.perf_counter() - start
 
     def _encode_with_ray(self, items, todo, size, part):
         """Shards spread over ``ray_workers`` actors (one model replica each, 1 GPU each on CUDA)."""

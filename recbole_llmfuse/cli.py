@@ -3,7 +3,7 @@
 * ``run_recbole`` — RecBole's ``run_recbole.py`` as an installed command, plugin-aware: the same flags
   (``--model/-m``, ``--dataset/-d``, ``--config_files``, ``--nproc``, ``--ip``, ``--port``,
   ``--world_size``, ``--group_offset``) plus RecBole's ``--key=value`` overrides.
-* ``recbole-llmfuse`` — the umbrella command: ``run`` (same as ``run_recbole``), ``models`` and ``prep``.
+* ``recbole-llmfuse`` — the umbrella command: ``run`` (same as ``run_recbole``), ``models``, ``prep``, ``bench``.
 """
 from __future__ import annotations
 
@@ -191,7 +191,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     _add_run_arguments(run_parser)
     sub.add_parser("models", help="list every model usable by name, with the package that provides it")
     _add_prep_arguments(sub.add_parser("prep", help="run a dataset-preparation hook (e.g. item text embeddings)"))
+    from recbole_llmfuse import bench
+
+    bench.add_arguments(sub.add_parser("bench", help="several models x seeds under one protocol: tables and plots"))
     args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return _guarded(lambda: bench.main_from_args(args, rest), "recbole-llmfuse bench")
     if args.command == "run":
         return _guarded(lambda: _run(args, rest, "recbole-llmfuse run"), "recbole-llmfuse run")
     if args.command == "prep":

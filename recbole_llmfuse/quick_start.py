@@ -21,6 +21,14 @@ from recbole_llmfuse import registry
 from recbole_llmfuse.compat import trusted_torch_load
 from recbole_llmfuse.config import Config
 from recbole_llmfuse.data import create_dataset, data_preparation
+from recbole_llmfuse.evaluation import enable_group_metrics
+
+
+def make_trainer(config, model):
+    """The model's RecBole trainer, with group metrics installed when ``config['group_metrics']`` asks."""
+    trainer = registry.get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    enable_group_metrics(trainer)
+    return trainer
 
 
 def build(config, logger=None):
@@ -74,7 +82,7 @@ def run_recbole(
     flops = get_flops(model, dataset, config["device"], logger, transform)
     logger.info(set_color("FLOPs", "blue") + f": {flops}")
 
-    trainer = registry.get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    trainer = make_trainer(config, model)
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]
     )
@@ -162,7 +170,7 @@ def objective_function(config_dict=None, config_file_list=None, saved=True):
     init_logger(config)
     logging.basicConfig(level=logging.ERROR)
     _, model, train_data, valid_data, test_data = build(config)
-    trainer = registry.get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    trainer = make_trainer(config, model)
     best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, verbose=False, saved=saved)
     test_result = trainer.evaluate(test_data, load_best_model=saved)
     return {

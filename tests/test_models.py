@@ -89,3 +89,18 @@ def test_trains_under_recbole_amp(small_cfg):
     """RecBole's enable_amp wraps training in torch.autocast (bf16 on CPU, fp16 on CUDA): the encoder runs in it."""
     _, dataset, _, _, _, losses, result = _train("FastSASRec", small_cfg(enable_amp=True, learning_rate=0.003), epochs=2)
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_fast_sasrec_gradients_equal_recbole_sasrec(small_cfg):
+    """Same weights, dropout off, one batch: same loss and same gradients -> same training dynamics."""
+    cfg = small_cfg(hidden_dropout_prob=0.0, attn_dropout_prob=0.0)
+    _, ref, train_data, _, _ = build(Config("SASRec", SMALL, config_dict=cfg, argv=[]))
+    _, fast, _, _, _ = build(Config("FastSASRec", SMALL, config_dict=cfg, argv=[]))
+    fast.load_recbole_sasrec(ref.state_dict())
+    batch = next(iter(train_data))
+    ref.train(), fast.train()
+    ref.calculate_loss(batch).backward()
+    fast.calculate_loss(batch).backward()
+    assert torch.allclose(ref.item_embedding.weight.grad, fast.item_embedding.weight.grad, atol=1e-6)
+    ref_q = ref.trm_encoder.layer[0].multi_head_attention.query.weight.grad
+    assert torch.allclose(ref_q, fast.backbone.encoder.layer[0].qkv.weight.grad[: ref_q.shape[0]], atol=1e-6)

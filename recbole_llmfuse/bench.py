@@ -1,0 +1,229 @@
+"""``recbole-llmfuse bench``: several models x seeds under one protocol, with tables and plots.
+
+Every run is a fresh subprocess (clean peak-memory figure; a crash is recorded, not fatal) that trains
+and tests one model with the same dataset, config files and ``--key=value`` overrides as every other run
+(leave-one-out, chronological, full ranking: RecBole's sequential defaults), with group metrics on.
+
+Writes to ``--out``: ``results.csv`` (one row per run: status, every test metric overall and per group,
+mean epoch time, test evaluation time, peak memory, trainable parameters), ``results.md`` (mean ± std over
+seeds and a paired t-test against the first model), ``buckets.png`` (the metric per popularity bucket,
+warm -> cold, per model), ``valid_curves.png`` (validation metric per epoch) and ``logs/``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+REPORT_GROUPS = ("", "/head", "/tail", "/tail_users")
+
+
+def _worker(spec: dict) -> dict:
+    """Train and test one (model, seed) in this process; returns the record."""
+    import resource
+
+    import torch
+
+    import recbole_llmfuse  # noqa: F401
+    from recbole.utils import init_logger, init_seed
+
+    from recbole_llmfuse.config import Config
+    from recbole_llmfuse.quick_start import build, make_trainer
+    from recbole_llmfuse.timing import EpochTimer
+
+    config = Config(
+        spec["model"], spec["dataset"], config_file_list=spec["config_files"] or None,
+        config_dict={"seed": spec["seed"], "group_metrics": True, "show_progress": False}, argv=spec["overrides"],
+    )
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    _, model, train_data, valid_data, test_data = build(config)
+    trainer = make_trainer(config, model)
+    curve: List[float] = []
+    valid_epoch = trainer._valid_epoch
+
+    def recording_valid_epoch(*args, **kwargs):
+        score, result = valid_epoch(*args, **kwargs)
+        curve.append(float(score))
+        return score, result
+
+    trainer._valid_epoch = recording_valid_epoch
+    with EpochTimer() as timer:
+        best_valid_score, _ = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+        test_result = trainer.evaluate(test_data, load_best_model=True)
+    return {
+        "model": spec["model"], "seed": spec["seed"], "status": "ok",
+        "best_valid_score": float(best_valid_score),
+        "epoch_s": statistics.mean(timer.train) if timer.train else float("nan"),
+        "eval_s": timer.eval[-1],
+        "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "epochs_run": len(timer.train),
+        "valid_curve": curve,
+        **{f"test_{k}": float(v) for k, v in test_result.items()},
+        "device": str(config["device"]), "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _mean_std(values) -> str:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return "n/a"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+
+
+def _paired_p(a: List[float], b: List[float]) -> str:
+    if len(a) < 2 or len(a) != len(b):
+        return "n/a"
+    from scipy import stats
+
+    if all(x == y for x, y in zip(a, b)):
+        return "1.000"
+    return f"{stats.ttest_rel(a, b).pvalue:.3f}"
+
+
+def summarize(records: List[dict], models: List[str], metrics: List[str], out: str) -> str:
+    ok = [r for r in records if r["status"] == "ok"]
+    by_model: Dict[str, List[dict]] = {m: sorted((r for r in ok if r["model"] == m), key=lambda r: r["seed"]) for m in models}
+    base = models[0]
+    columns = [f"{m}{g}" for m in metrics for g in REPORT_GROUPS]
+    lines = [
+        f"mean ± std over seeds; p: paired t-test against {base} over seeds (same seeds), n/a below 2 seeds.",
+        "",
+        "| model | runs ok | " + " | ".join(columns) + " | epoch s | test eval s | peak MB | params |",
+        "|---|---|" + "---|" * (len(columns) + 4),
+    ]
+    for m in models:
+        rs = by_model[m]
+        cells = []
+        for c in columns:
+            vals = [r.get(f"test_{c}") for r in rs]
+            cell = _mean_std(vals)
+            if m != base and rs:
+                common = sorted({r["seed"] for r in rs} & {r["seed"] for r in by_model[base]})
+                a = [next(r[f"test_{c}"] for r in rs if r["seed"] == s) for s in common]
+                b = [next(r[f"test_{c}"] for r in by_model[base] if r["seed"] == s) for s in common]
+                cell += f" (p {_paired_p(a, b)})"
+            cells.append(cell)
+        lines.append(
+            f"| {m} | {len(rs)}/{sum(1 for r in records if r['model'] == m)} | " + " | ".join(cells)
+            + f" | {_mean_std([r['epoch_s'] for r in rs])} | {_mean_std([r['eval_s'] for r in rs])}"
+            + f" | {_mean_std([r['peak_mem_mb'] for r in rs])} | {rs[0]['trainable_params'] if rs else 'n/a'} |"
+        )
+    failed = [r for r in records if r["status"] != "ok"]
+    if failed:
+        lines += ["", "Failed runs:"] + [f"- {r['model']} seed {r['seed']}: {r['error']}" for r in failed]
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table)
+    _plots(by_model, metrics[0], out)
+    return table
+
+
+def _plots(by_model: Dict[str, List[dict]], metric: str, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for model, rs in by_model.items():
+        buckets = sorted({k.split("/b")[1] for r in rs for k in r if k.startswith(f"test_{metric}/b")})
+        if not buckets:
+            continue
+        means = [statistics.mean(r[f"test_{metric}/b{b}"] for r in rs) for b in buckets]
+        ax.plot([int(b) for b in buckets], means, marker="o", label=model)
+    ax.set_xlabel("item popularity bucket (training split; 1 = most popular)")
+    ax.set_ylabel(f"test {metric}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "buckets.png"), dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for model, rs in by_model.items():
+        for i, r in enumerate(rs):
+            ax.plot(range(1, len(r["valid_curve"]) + 1), r["valid_curve"], color=f"C{list(by_model).index(model)}",
+                    alpha=0.8, label=model if i == 0 else None)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation score (valid_metric)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "valid_curves.png"), dpi=120)
+    plt.close(fig)
+
+
+def run_bench(models, dataset, seeds, config_files, overrides, out, metrics) -> List[dict]:
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    records = []
+    runs = [(m, s) for s in seeds for m in models]  # seed-major: drift on a shared machine hits every model
+    for n, (model, seed) in enumerate(runs, start=1):
+        spec = {"model": model, "dataset": dataset, "seed": seed, "config_files": config_files, "overrides": overrides}
+        log = os.path.join(out, "logs", f"{model}-seed{seed}.log")
+        result_file = os.path.join(out, "logs", f"{model}-seed{seed}.json")
+        start = time.perf_counter()
+        with open(log, "w") as f:
+            proc = subprocess.run([sys.executable, "-m", "recbole_llmfuse.bench", "--worker", json.dumps(spec), result_file],
+                                  stdout=f, stderr=subprocess.STDOUT)
+        if proc.returncode == 0 and os.path.exists(result_file):
+            with open(result_file) as f:
+                record = json.load(f)
+            note = f"ok  {metrics[0]} {record.get('test_' + metrics[0], float('nan')):.4f}  {record['epoch_s']:.1f} s/epoch"
+        else:
+            with open(log) as f:
+                tail = [line.strip() for line in f.read().splitlines() if line.strip()][-1:] or ["no output"]
+            record = {"model": model, "seed": seed, "status": "failed", "error": f"exit {proc.returncode}: {tail[0][:300]}"}
+            note = f"FAILED ({record['error']}); log: {log}"
+        records.append(record)
+        print(f"[{n}/{len(runs)}] {model} seed={seed}: {note} ({time.perf_counter() - start:.0f} s)", flush=True)
+    keys = []
+    for r in records:
+        keys += [k for k in r if k not in keys and k != "valid_curve"]
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+    return records
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", "-d", default="ml-100k")
+    parser.add_argument("--models", required=True, help="comma-separated model names, e.g. SASRec,GRU4Rec,MoRec")
+    parser.add_argument("--seeds", default="2020", help="comma-separated seeds (default: 2020)")
+    parser.add_argument("--config_files", default=None, help="space-separated YAML files applied to every model")
+    parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--report_metrics", default="ndcg@10,recall@10", help="metrics in results.md (first one is plotted)")
+    parser.epilog = "Any other --key=value is a RecBole override applied to every model."
+
+
+def main_from_args(args: argparse.Namespace, overrides: List[str]) -> int:
+    from recbole_llmfuse.config import parse_overrides
+
+    parse_overrides(overrides)
+    models = [m for m in args.models.split(",") if m]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    metrics = [m.lower() for m in args.report_metrics.split(",")]
+    config_files = [os.path.abspath(p) for p in args.config_files.split()] if args.config_files else []
+    records = run_bench(models, args.dataset, seeds, config_files, overrides, args.out, metrics)
+    print(summarize(records, models, metrics, args.out))
+    return 0 if any(r["status"] == "ok" for r in records) else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        record = _worker(json.loads(sys.argv[2]))
+        with open(sys.argv[3], "w") as f:
+            json.dump(record, f)
+    else:
+        parser = argparse.ArgumentParser(prog="recbole-llmfuse bench", description=__doc__)
+        add_arguments(parser)
+        a, rest = parser.parse_known_args()
+        sys.exit(main_from_args(a, rest))

@@ -1,0 +1,123 @@
+"""Group metrics (popularity / bucket / user-history groups) and the bench command."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from recbole.data.interaction import Interaction
+
+from recbole_llmfuse import Config, create_dataset, data_preparation
+from recbole_llmfuse.evaluation import GroupCollector, GroupEvaluator, item_groups, tail_users, training_counts
+
+from conftest import SMALL
+
+NEG = float("-inf")
+
+
+def test_group_values_on_a_hand_made_case(small_data_path):
+    config = Config("FastSASRec", SMALL, config_dict={
+        "data_path": small_data_path, "metrics": ["Recall", "NDCG", "MRR"], "topk": [2], "group_metrics": True,
+    }, argv=[])
+    collector = GroupCollector(config)
+    collector.groups = {
+        "is_head": np.array([False, True, True, False, False]),
+        "bucket": np.array([0, 1, 1, 2, 2]),
+        "tail_user": np.array([False, True, True, False, False]),
+    }
+    scores = torch.tensor([
+        [NEG, 0.9, 0.1, 0.2, 0.3],  # user 1, target 1: rank 1
+        [NEG, 0.9, 0.8, 0.7, 0.1],  # user 2, target 3: rank 3
+        [NEG, 0.9, 0.8, 0.1, 0.2],  # user 3, target 2: rank 2
+        [NEG, 0.1, 0.2, 0.3, 0.9],  # user 4, target 4: rank 1
+    ])
+    collector.eval_batch_collect(scores, Interaction({"user_id": torch.tensor([1, 2, 3, 4])}),
+                                 torch.tensor([0, 1, 2, 3]), torch.tensor([1, 3, 2, 4]))
+    result = GroupEvaluator(config).evaluate(collector.get_data_struct())
+    ndcg_rank2 = 1 / math.log2(3)
+    expected = {
+        "recall@2": 0.75, "full_mrr": (1 + 1 / 3 + 0.5 + 1) / 4,
+        "recall@2/head": 1.0, "ndcg@2/head": (1 + ndcg_rank2) / 2, "mrr@2/head": 0.75, "full_mrr/head": 0.75,
+        "recall@2/tail": 0.5, "ndcg@2/tail": 0.5, "mrr@2/tail": 0.5, "full_mrr/tail": (1 / 3 + 1) / 2,
+        "recall@2/b01": 1.0, "recall@2/b02": 0.5,
+        "recall@2/tail_users": 0.5, "full_mrr/tail_users": (1 + 1 / 3) / 2,
+        "ndcg@2/head_users": (ndcg_rank2 + 1) / 2, "mrr@2/head_users": 0.75,
+    }
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, abs=1e-4), key
+
+
+def test_buckets_count_training_interactions_only(tmp_path):
+    """An item seen only in a test (or valid) interaction falls in the coldest bucket."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    rows = []
+    for u in range(1, 9):
+        seq = [f"i{(u + k) % 6}" for k in range(6)]
+        if u == 1:
+            seq[-1] = "only_test"
+        if u == 2:
+            seq[-2] = "only_valid"
+        rows += [f"{u}\t{item}\t{100 * u + t}" for t, item in enumerate(seq)]
+    (folder / "tiny.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\n" + "\n".join(rows) + "\n")
+    config = Config("FastSASRec", "tiny", config_dict={"data_path": str(tmp_path),
+                                                       "load_col": {"inter": ["user_id", "item_id", "timestamp"]}}, argv=[])
+    dataset = create_dataset(config)
+    train, _, _ = data_preparation(config, dataset)
+    item_counts, user_counts = training_counts(train.dataset)
+    tok = lambda t: dataset.token2id(dataset.iid_field, t)  # noqa: E731
+    assert item_counts[tok("only_test")] == 0 and item_counts[tok("only_valid")] == 0
+    assert item_counts.sum() == 8 * 4  # every user's first four interactions are training
+    assert (user_counts[1:] == 4).all()
+    groups = item_groups(item_counts, head_ratio=0.2, n_buckets=4)
+    assert groups["bucket"][tok("only_test")] == 4 and groups["bucket"][tok("only_valid")] == 4
+    assert not groups["is_head"][tok("only_test")]
+    assert groups["bucket"][0] == 0 and sorted(set(groups["bucket"][1:])) == [1, 2, 3, 4]
+
+
+def test_tail_users_are_the_shortest_histories():
+    counts = np.array([0, 5, 1, 3, 10, 2])
+    assert list(np.flatnonzero(tail_users(counts, 0.8))) == [1, 2, 3, 5]  # user 4 (10 interactions) is head
+
+
+@pytest.mark.integration
+def test_bench_two_models_one_seed(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "recbole-llmfuse"), "bench", "--dataset=ml-100k",
+         "--models=SASRec,GRU4Rec", "--seeds=0", f"--out={out}", "--epochs=1", "--MAX_ITEM_LIST_LENGTH=10"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "[1/2] SASRec seed=0: ok" in proc.stdout and "[2/2] GRU4Rec seed=0: ok" in proc.stdout
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["model"] for r in rows] == ["SASRec", "GRU4Rec"] and all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        assert float(r["test_ndcg@10"]) > 0 and float(r["test_ndcg@10/b01"]) >= 0
+        assert float(r["epoch_s"]) > 0 and float(r["peak_mem_mb"]) > 100 and int(r["trainable_params"]) > 0
+    table = (out / "results.md").read_text()
+    assert "| SASRec | 1/1 |" in table and "ndcg@10/tail" in table
+    import matplotlib.image
+
+    for png in ("buckets.png", "valid_curves.png"):
+        assert matplotlib.image.imread(str(out / png)).shape[0] > 100
+
+
+@pytest.mark.integration
+def test_bench_records_a_failed_run_and_goes_on(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "recbole-llmfuse"), "bench", f"--dataset={SMALL}",
+         "--models=FastSASRec,NoSuchModel", "--seeds=0", f"--out={out}", "--epochs=1", "--MAX_ITEM_LIST_LENGTH=5",
+         f"--data_path={os.path.dirname(os.path.dirname(__file__))}/nonexistent"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 1  # nothing succeeded (the data path is wrong for both): recorded, not crashed
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert "unknown model 'NoSuchModel'" in rows[1]["error"] or "NoSuchModel" in (out / "results.md").read_text()
