@@ -7,5 +7,5 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup_env.sh
 # The console script, not `python -m pytest`: that would put ./recbole_llmfuse (the source tree) on
 # sys.path ahead of the installed package.
-if [ "$#" -eq 0 ]; then set -- -m "not slow"; fi
+if [ "$#" -eq 0 ]; then set -- -m "not slow" --durations=10; fi
 exec "$VENV/bin/pytest" "$@"
