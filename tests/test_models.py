@@ -104,3 +104,19 @@ def test_fast_sasrec_gradients_equal_recbole_sasrec(small_cfg):
     assert torch.allclose(ref.item_embedding.weight.grad, fast.item_embedding.weight.grad, atol=1e-6)
     ref_q = ref.trm_encoder.layer[0].multi_head_attention.query.weight.grad
     assert torch.allclose(ref_q, fast.backbone.encoder.layer[0].qkv.weight.grad[: ref_q.shape[0]], atol=1e-6)
+
+
+def test_morec_table_projection_equals_per_token_projection(small_cfg, with_embeddings):
+    """MoRec projects the whole text table once per step when its projector has no active dropout."""
+    for hidden in ([], [16]):
+        cfg = small_cfg(data_path=with_embeddings, mlp_hidden_sizes=hidden, hidden_dropout_prob=0.0, attn_dropout_prob=0.0)
+        _, model, train_data, _, _ = build(Config("MoRec", SMALL, config_dict=cfg, argv=[]))
+        batch = next(iter(train_data))
+        seq, lengths = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
+        model.eval()
+        with torch.no_grad():
+            fast = model(seq, lengths)
+            slow = model.backbone(model.item_vectors(seq), seq, lengths)
+        assert torch.allclose(fast, slow, atol=1e-5)
+        model.train()
+        assert model.projector.deterministic == (hidden == [])  # dropout 0.1 after the hidden layer

@@ -32,4 +32,6 @@ class MoRec(LLMFusedSequentialRecommender):
         return self.projector(self.item_text_emb)
 
     def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.item_vectors(item_seq), item_seq, item_seq_len)
+        # project each item once per step ([n_items, text_dim]) instead of every token ([B, L, text_dim])
+        tokens = self.all_item_vectors()[item_seq] if self.projector.deterministic else self.item_vectors(item_seq)
+        return self.backbone(tokens, item_seq, item_seq_len)
