@@ -31,7 +31,7 @@ import numpy as np
 
 from recbole_llmfuse.dataset_prep import itememb
 from recbole_llmfuse.dataset_prep.hooks import PrepHook
-from recbole_llmfuse.dataset_prep.item_text import build_item_texts
+from recbole_llmfuse.dataset_prep.item_text import build_item_texts, sha256_file
 
 #: Models that ship inside pip packages and so work offline: name -> (package, sub-folder).
 OFFLINE_MODELS = {
@@ -222,8 +222,6 @@ class ItemTextEmbeddingHook(PrepHook):
 
     def fingerprint(self) -> dict:
         item_file = os.path.join(self.data_path, f"{self.dataset}.item")
-        from recbole_llmfuse.dataset_prep.item_text import sha256_file
-
         return {
             "params": {k: v for k, v in self.params.items() if k not in self._RUNTIME},
             "item_file_sha256": sha256_file(item_file) if os.path.isfile(item_file) else None,
@@ -248,8 +246,9 @@ class ItemTextEmbeddingHook(PrepHook):
         index, count = (int(x) for x in shard.split("/")) if shard else (0, 1)
         if not 0 <= index < count:
             raise ValueError(f"shard must be i/N with 0 <= i < N, got {shard!r}")
-        os.makedirs(self.parts_dir, exist_ok=True)
-        part = lambda k: os.path.join(self.parts_dir, f"part-{k:05d}.npz")  # noqa: E731
+        parts_dir = self.parts_dir  # hashes the .item file: once per run, not once per shard
+        os.makedirs(parts_dir, exist_ok=True)
+        part = lambda k: os.path.join(parts_dir, f"part-{k:05d}.npz")  # noqa: E731
         todo = [k for k in range(index, n_shards, count) if not os.path.exists(part(k))]
         start = time.perf_counter()
         encode_seconds = 0.0
@@ -274,7 +273,7 @@ class ItemTextEmbeddingHook(PrepHook):
             report.update(merged=True, dim=int(vectors.shape[1]))
             report["seconds"] = time.perf_counter() - start  # model load, encoding and writing
             self.write_manifest({"report": report})
-            shutil.rmtree(self.parts_dir, ignore_errors=True)
+            shutil.rmtree(parts_dir, ignore_errors=True)
             for stale in glob.glob(os.path.join(self.data_path, f".{self.dataset}.{self.params['suffix']}.parts-*")):
                 shutil.rmtree(stale, ignore_errors=True)  # parts of earlier, different settings
         return report

@@ -31,7 +31,6 @@ class ItemTexts:
     texts: List[str]
     n_fallback: int
     item_file: str
-    item_file_sha256: str
 
 
 def sha256_file(path: str) -> str:
@@ -100,4 +99,4 @@ def build_item_texts(
             text, n_fallback = fallback, n_fallback + 1
         tokens.append(row[id_field])
         texts.append(text)
-    return ItemTexts(tokens, texts, n_fallback, path, sha256_file(path))
+    return ItemTexts(tokens, texts, n_fallback, path)

@@ -14,7 +14,6 @@ names the upstream problem it answers. See ``shared/notes/stack.md`` for the mea
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import types
 
@@ -152,17 +151,3 @@ def apply() -> None:
     _torch_checkpoint_loading()
     _autograd_anomaly_off()
     _APPLIED = True
-
-
-@functools.lru_cache(maxsize=None)
-def stack_versions() -> dict:
-    """Versions of the packages the shims care about (for logs and bug reports)."""
-    from importlib import metadata
-
-    out = {}
-    for dist in ("recbole", "torch", "numpy", "pandas", "scipy", "ray", "transformers", "peft"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out

@@ -137,9 +137,8 @@ class Config(RecBoleConfig):
             root = self.external_config_dict.get("data_path") or self.internal_config_dict.get("data_path", "dataset/")
             self.final_config_dict["data_path"] = os.path.join(root, self.dataset)
         self.final_config_dict["data_path"] = os.path.abspath(os.path.expanduser(self.final_config_dict["data_path"]))
-        for key in ("checkpoint_dir",):
-            if self.final_config_dict.get(key):
-                self.final_config_dict[key] = os.path.abspath(os.path.expanduser(self.final_config_dict[key]))
+        if self.final_config_dict.get("checkpoint_dir"):
+            self.final_config_dict["checkpoint_dir"] = os.path.abspath(os.path.expanduser(self.final_config_dict["checkpoint_dir"]))
 
 
 __all__ = ["Config", "ConfigError", "parse_overrides"]

@@ -92,7 +92,7 @@ def create_dataset(config):
       (``<Model>Dataset`` or the model type's dataset) applies.
     """
     if config["dataset"] in EMBEDDED_DATASETS:
-        materialize_embedded(config["dataset"], config["data_path"])
+        materialize_embedded(config["dataset"], config["data_path"])  # data_path is already <root>/<dataset>
     _check_atomic_files(config)
     prep_hooks.ensure(config)
     dataset_class = getattr(registry.get_model(config["model"]), "dataset_class", None)
