@@ -19,6 +19,7 @@ pyarrow >= 21.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.util
 import os
@@ -221,11 +222,16 @@ class ItemTextEmbeddingHook(PrepHook):
         return build_item_texts(self.data_path, self.dataset, p["item_text_template"], p["item_text_fields"], p["item_text_fallback"])
 
     def fingerprint(self) -> dict:
-        item_file = os.path.join(self.data_path, f"{self.dataset}.item")
         return {
             "params": {k: v for k, v in self.params.items() if k not in self._RUNTIME},
-            "item_file_sha256": sha256_file(item_file) if os.path.isfile(item_file) else None,
+            "item_file_sha256": self._item_file_sha256,
         }
+
+    @functools.cached_property
+    def _item_file_sha256(self) -> Optional[str]:
+        """Hashed once per hook object: status(), the parts folder and the manifest all need it."""
+        item_file = os.path.join(self.data_path, f"{self.dataset}.item")
+        return sha256_file(item_file) if os.path.isfile(item_file) else None
 
     @property
     def parts_dir(self) -> str:
@@ -246,7 +252,7 @@ class ItemTextEmbeddingHook(PrepHook):
         index, count = (int(x) for x in shard.split("/")) if shard else (0, 1)
         if not 0 <= index < count:
             raise ValueError(f"shard must be i/N with 0 <= i < N, got {shard!r}")
-        parts_dir = self.parts_dir  # hashes the .item file: once per run, not once per shard
+        parts_dir = self.parts_dir
         os.makedirs(parts_dir, exist_ok=True)
         part = lambda k: os.path.join(parts_dir, f"part-{k:05d}.npz")  # noqa: E731
         todo = [k for k in range(index, n_shards, count) if not os.path.exists(part(k))]

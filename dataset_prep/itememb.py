@@ -156,12 +156,18 @@ def align(
         if idx is not None and idx > 0:
             out[idx] = matrix[row]
             have[idx] = True
-    if not have.all() and missing != "zero":
-        inv = {v: k for k, v in token2id.items()}
-        lacking = [inv[i] for i in np.flatnonzero(~have)[:5]]
+    check_coverage(have, lambda i: {v: k for k, v in token2id.items()}[i], source, missing)
+    return out
+
+
+def check_coverage(have: np.ndarray, id2token, source: str, missing: str = "error") -> None:
+    """Raise :class:`ItemEmbeddingError` if some dataset item (``have[i]`` False, ``i > 0``) has no vector,
+    unless ``missing='zero'``. ``id2token(i)`` names an item in the message."""
+    lacking = np.flatnonzero(~have[1:]) + 1
+    if len(lacking) and missing != "zero":
+        examples = ", ".join(repr(id2token(i)) for i in lacking[:5])
         raise ItemEmbeddingError(
-            f"{source}: {int((~have).sum())} of the dataset's {n_items - 1} items have no vector "
-            f"(e.g. {', '.join(map(repr, lacking))}). Re-run the embedding step on this dataset, or set "
+            f"{source}: {len(lacking)} of the dataset's {len(have) - 1} items have no vector "
+            f"(e.g. {examples}). Re-run the embedding step on this dataset, or set "
             f"item_emb_missing: zero to give them zero vectors."
         )
-    return out

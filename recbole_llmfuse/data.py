@@ -204,14 +204,15 @@ class LLMSequentialDataset(SequentialDataset):
             return itememb.align(
                 tokens, matrix, self.field2token_id[self.iid_field], n_items, self._emb_path, self._emb_missing
             )
+        # RecBole's preload matrix is already indexed by internal id; only coverage is left to check
         feat = getattr(self, f"{self._emb_suffix}_feat")
-        ids = np.asarray(feat[itememb.ID_FIELD].values, dtype=np.int64)  # remapped internal ids
-        table = np.asarray(self.get_preload_weight(itememb.ID_FIELD), dtype=np.float32)
+        have = np.zeros(n_items, dtype=bool)
+        have[np.asarray(feat[itememb.ID_FIELD].values, dtype=np.int64)] = True  # remapped internal ids
         id2token = self.field2id_token[self.iid_field]
-        return itememb.align(
-            [id2token[i] for i in ids], table[ids], self.field2token_id[self.iid_field], n_items,
-            self._emb_path, self._emb_missing,
-        )
+        itememb.check_coverage(have, id2token.__getitem__, self._emb_path, self._emb_missing)
+        table = np.asarray(self.get_preload_weight(itememb.ID_FIELD), dtype=np.float32)
+        table[~have] = 0.0  # padding and (with item_emb_missing: zero) items without a vector
+        return table
 
     def item_embedding_table(self) -> np.ndarray:
         """float32 ``[n_items, dim]``; row = RecBole internal item id; row 0 zero."""
