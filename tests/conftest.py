@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 
+import numpy as np
 import pytest
 
 import recbole_llmfuse  # noqa: F401  (applies the compat shims first)
 from recbole_llmfuse.data import embedded_dataset_dir
+from recbole_llmfuse.dataset_prep.itememb import write_item_embeddings
 
 SMALL = "ml-small"
 SMALL_USERS = 300
@@ -76,3 +79,16 @@ def small_cfg(small_data_path):
 def read_atomic(path: str):
     with open(path, newline="") as f:
         return list(csv.reader(f, delimiter="\t"))
+
+
+@pytest.fixture
+def with_embeddings(small_data_path, tmp_path):
+    """ml-small plus a random 32-d .itememb.npz (the embedding hook writes real ones)."""
+    root = tmp_path / "data"
+    shutil.copytree(os.path.join(small_data_path, SMALL), root / SMALL)
+    with open(root / SMALL / f"{SMALL}.item") as f:
+        f.readline()
+        tokens = [line.split("\t", 1)[0] for line in f]
+    vectors = np.random.default_rng(0).standard_normal((len(tokens), 32)).astype(np.float32)
+    write_item_embeddings(str(root / SMALL), SMALL, tokens, vectors, formats=["npz"])
+    return str(root)

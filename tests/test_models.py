@@ -9,7 +9,6 @@ import torch
 
 from recbole_llmfuse import Config, get_trainer, load_data_and_model
 from recbole_llmfuse.compat import trusted_torch_load
-from recbole_llmfuse.dataset_prep.itememb import write_item_embeddings
 from recbole_llmfuse.quick_start import build
 
 from conftest import SMALL
@@ -36,23 +35,8 @@ def _random_ranker_recall(dataset):
     return 10 / (dataset.item_num - 1)
 
 
-@pytest.fixture
-def with_embeddings(small_data_path, tmp_path):
-    """ml-small plus a random 32-d .itememb.npz (the embedding hook writes real ones)."""
-    import shutil
-
-    root = tmp_path / "data"
-    shutil.copytree(os.path.join(small_data_path, SMALL), root / SMALL)
-    with open(root / SMALL / f"{SMALL}.item") as f:
-        f.readline()
-        tokens = [line.split("\t", 1)[0] for line in f]
-    vectors = np.random.default_rng(0).standard_normal((len(tokens), 32)).astype(np.float32)
-    write_item_embeddings(str(root / SMALL), SMALL, tokens, vectors, formats=["npz"])
-    return str(root)
-
-
 @pytest.mark.integration
-@pytest.mark.parametrize("model, loss_type", [("FastSASRec", "CE"), ("FastSASRec", "BCE"), ("MoRec", "CE")])
+@pytest.mark.parametrize("model, loss_type", [("FastSASRec", "CE"), ("FastSASRec", "BCE"), ("MoRec", "CE"), ("Hybrid", "CE")])
 def test_model_learns(small_cfg, with_embeddings, model, loss_type):
     cfg = small_cfg(data_path=with_embeddings, loss_type=loss_type, learning_rate=0.003)
     if loss_type != "CE":
@@ -63,7 +47,7 @@ def test_model_learns(small_cfg, with_embeddings, model, loss_type):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("model", ["FastSASRec", "MoRec", "SASRec"])
+@pytest.mark.parametrize("model", ["FastSASRec", "MoRec", "Hybrid", "SASRec"])
 def test_checkpoint_round_trip(small_cfg, with_embeddings, model):
     _, _, net, trainer, test_data, _, _ = _train(model, small_cfg(data_path=with_embeddings))
     before = _first_batch_scores(net, test_data)
@@ -106,17 +90,18 @@ def test_fast_sasrec_gradients_equal_recbole_sasrec(small_cfg):
     assert torch.allclose(ref_q, fast.backbone.encoder.layer[0].qkv.weight.grad[: ref_q.shape[0]], atol=1e-6)
 
 
-def test_morec_table_projection_equals_per_token_projection(small_cfg, with_embeddings):
-    """MoRec projects the whole text table once per step when its projector has no active dropout."""
-    for hidden in ([], [16]):
-        cfg = small_cfg(data_path=with_embeddings, mlp_hidden_sizes=hidden, hidden_dropout_prob=0.0, attn_dropout_prob=0.0)
-        _, model, train_data, _, _ = build(Config("MoRec", SMALL, config_dict=cfg, argv=[]))
+def test_text_tokens_project_each_distinct_item_once_with_per_token_results(small_cfg, with_embeddings):
+    """MoRec/Hybrid/PAD project each distinct item of a batch once: same outputs as per-token projection."""
+    for model_name, hidden in (("MoRec", []), ("MoRec", [16]), ("Hybrid", [16])):
+        cfg = small_cfg(data_path=with_embeddings, mlp_hidden_sizes=hidden, hidden_dropout_prob=0.0,
+                        attn_dropout_prob=0.0, mlp_dropout_prob=0.0)
+        _, model, train_data, _, _ = build(Config(model_name, SMALL, config_dict=cfg, argv=[]))
         batch = next(iter(train_data))
         seq, lengths = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
-        model.eval()
+        tokens = model.expert.tokens
+        text = tokens.text if hasattr(tokens, "text") else tokens
         with torch.no_grad():
-            fast = model(seq, lengths)
-            slow = model.backbone(model.item_vectors(seq), seq, lengths)
-        assert torch.allclose(fast, slow, atol=1e-5)
-        model.train()
-        assert model.projector.deterministic == (hidden == [])  # dropout 0.1 after the hidden layer
+            per_token = text.projector(model.item_text_emb[seq])
+            assert torch.allclose(text(seq, model.item_text_emb), per_token, atol=1e-6)
+            assert torch.allclose(model.all_item_vectors()[seq], model.item_vectors(seq), atol=1e-5)
+            assert model(seq, lengths).shape == (seq.shape[0], cfg["hidden_size"])

@@ -1,0 +1,65 @@
+"""Alignment losses: MK-MMD behaves like a distance between distributions; the others on known cases."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recbole_llmfuse.losses import ALIGNMENT_LOSSES, alignment_loss, cosine_alignment, info_nce, linear_mmd, mk_mmd
+
+
+def _sets(n=300, d=64, shift=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = torch.randn(n, d, generator=g) + shift
+    return x, y
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "laplacian"])
+def test_mk_mmd_near_zero_for_identical_and_same_distribution(kernel):
+    x, y = _sets()
+    assert abs(float(mk_mmd(x, x, kernel))) < 5 * 5 / 300  # unbiased estimator: O(kernels / n)
+    assert abs(float(mk_mmd(x, y, kernel))) < 0.02  # two samples of one distribution
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "laplacian"])
+def test_mk_mmd_grows_with_the_shift(kernel):
+    values = [float(mk_mmd(*_sets(shift=s), kernel)) for s in (0.0, 0.1, 0.3, 1.0)]
+    assert values == sorted(values)
+    assert values[-1] > 0.3 and values[2] > 10 * abs(values[0])
+
+
+def test_fixed_bandwidth_vanishes_on_raw_embeddings_where_adaptive_does_not():
+    """The spec's numpy check: 128-d normal sets shifted by 0.3 — fixed sigma=2^u gives ~0, adaptive ~0.1."""
+    x, y = _sets(d=128, shift=0.3)
+    assert float(mk_mmd(x, y, bandwidth="fixed")) < 1e-6
+    assert float(mk_mmd(x, y, bandwidth="adaptive")) > 0.05
+
+
+def test_mk_mmd_gradient_reaches_both_sets():
+    x, y = _sets(n=50, d=8, shift=0.5)
+    x.requires_grad_(True), y.requires_grad_(True)
+    mk_mmd(x, y).backward()
+    assert x.grad.abs().sum() > 0 and y.grad.abs().sum() > 0
+
+
+def test_linear_cosine_infonce_on_known_cases():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert float(linear_mmd(x, x + 1.0)) == pytest.approx(2.0)
+    assert float(cosine_alignment(x, x)) == pytest.approx(0.0, abs=1e-6)
+    assert float(cosine_alignment(x, -x)) == pytest.approx(2.0)
+    aligned = info_nce(torch.eye(4), torch.eye(4), temperature=0.05)
+    shuffled = info_nce(torch.eye(4), torch.eye(4)[[1, 0, 3, 2]], temperature=0.05)
+    assert float(aligned) < 1e-3 < 1.0 < float(shuffled)
+    # a repeated item is not its own negative: two copies of one item give the same loss as one
+    ids = torch.tensor([5, 5, 7])
+    y = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert float(info_nce(y, y, 0.05, ids)) < 1e-3 < float(info_nce(y, y, 0.05))
+
+
+def test_alignment_loss_by_name():
+    x, y = _sets(n=40, d=8, shift=1.0)
+    for name in ALIGNMENT_LOSSES:
+        value = float(alignment_loss(name, x, y, ids=torch.arange(40)))
+        assert value == 0.0 if name == "none" else value > 0.0
+    with pytest.raises(ValueError, match="unknown alignment loss"):
+        alignment_loss("kl", x, y)
