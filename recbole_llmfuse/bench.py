@@ -25,8 +25,13 @@ from typing import Dict, List
 REPORT_GROUPS = ("", "/head", "/tail", "/tail_users")
 
 
-def _worker(spec: dict) -> dict:
-    """Train and test one (model, seed) in this process; returns the record."""
+def _worker(spec: dict) -> List[dict]:
+    """Train and test one (model, seed) in this process; returns its record(s).
+
+    A multi-phase model (PAD) gives one more record per earlier phase, named ``<model>/<phase>``: the test
+    metrics of that phase's best checkpoint (chosen on validation, like every run) and that phase's mean
+    epoch time; PAD's ``PAD/pretrain`` is the SASRec baseline trained with the same loss and config.
+    """
     import resource
 
     import torch
@@ -58,18 +63,31 @@ def _worker(spec: dict) -> dict:
     with EpochTimer() as timer:
         best_valid_score, _ = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
         test_result = trainer.evaluate(test_data, load_best_model=True)
-    return {
+    stages = getattr(trainer, "stage_results", {})
+    last = list(stages)[-1] if stages else None
+    record = {
         "model": spec["model"], "seed": spec["seed"], "status": "ok",
         "best_valid_score": float(best_valid_score),
-        "epoch_s": statistics.mean(timer.train) if timer.train else float("nan"),
+        "epoch_s": stages[last]["epoch_s"] if stages else (statistics.mean(timer.train) if timer.train else float("nan")),
         "eval_s": timer.eval[-1],
         "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "epochs_run": len(timer.train),
         "valid_curve": curve,
         **{f"test_{k}": float(v) for k, v in test_result.items()},
+        **{f"epoch_s_{name}": info["epoch_s"] for name, info in stages.items()},
         "device": str(config["device"]), "torch_threads": torch.get_num_threads(),
     }
+    records = [record]
+    for name, info in list(stages.items())[:-1]:
+        stage_result = trainer.evaluate(test_data, load_best_model=True, model_file=info["checkpoint"])
+        records.append({
+            "model": f"{spec['model']}/{name}", "seed": spec["seed"], "status": "ok",
+            "best_valid_score": info["best_valid_score"], "epoch_s": info["epoch_s"], "eval_s": float("nan"),
+            "peak_mem_mb": float("nan"), "trainable_params": None, "epochs_run": info["epochs"], "valid_curve": [],
+            **{f"test_{k}": float(v) for k, v in stage_result.items()},
+        })
+    return records
 
 
 def _mean_std(values) -> str:
@@ -90,10 +108,16 @@ def _paired_p(a: List[float], b: List[float]) -> str:
     return f"{stats.ttest_rel(a, b).pvalue:.3f}"
 
 
-def summarize(records: List[dict], models: List[str], metrics: List[str], out: str) -> str:
+def summarize(records: List[dict], models: List[str], metrics: List[str], out: str, baseline: str = None) -> str:
     ok = [r for r in records if r["status"] == "ok"]
+    rows: List[str] = []
+    for m in models:  # each model, then its earlier phases (e.g. PAD/pretrain, PAD/align)
+        rows += [m] + sorted({r["model"] for r in ok if r["model"].startswith(m + "/")}, key=lambda n: _phase_order(records, n))
+    models = rows
     by_model: Dict[str, List[dict]] = {m: sorted((r for r in ok if r["model"] == m), key=lambda r: r["seed"]) for m in models}
-    base = models[0]
+    base = baseline or models[0]
+    if base not in by_model:
+        raise ValueError(f"--baseline {base}: not among the benchmarked rows {models}")
     columns = [f"{m}{g}" for m in metrics for g in REPORT_GROUPS]
     lines = [
         f"mean ± std over seeds; p: paired t-test against {base} over seeds (same seeds), n/a below 2 seeds.",
@@ -114,9 +138,9 @@ def summarize(records: List[dict], models: List[str], metrics: List[str], out: s
                 cell += f" (p {_paired_p(a, b)})"
             cells.append(cell)
         lines.append(
-            f"| {m} | {len(rs)}/{sum(1 for r in records if r['model'] == m)} | " + " | ".join(cells)
+            f"| {m} | {len(rs)}/{sum(1 for r in records if r['model'] == m) or len(rs)} | " + " | ".join(cells)
             + f" | {_mean_std([r['epoch_s'] for r in rs])} | {_mean_std([r['eval_s'] for r in rs])}"
-            + f" | {_mean_std([r['peak_mem_mb'] for r in rs])} | {rs[0]['trainable_params'] if rs else 'n/a'} |"
+            + f" | {_mean_std([r['peak_mem_mb'] for r in rs])} | {(rs[0]['trainable_params'] if rs else None) or 'n/a'} |"
         )
     failed = [r for r in records if r["status"] != "ok"]
     if failed:
@@ -126,6 +150,10 @@ def summarize(records: List[dict], models: List[str], metrics: List[str], out: s
         f.write(table)
     _plots(by_model, metrics[0], out)
     return table
+
+
+def _phase_order(records: List[dict], name: str) -> int:
+    return next(i for i, r in enumerate(records) if r["model"] == name)
 
 
 def _plots(by_model: Dict[str, List[dict]], metric: str, out: str) -> None:
@@ -175,14 +203,15 @@ def run_bench(models, dataset, seeds, config_files, overrides, out, metrics) -> 
                                   stdout=f, stderr=subprocess.STDOUT)
         if proc.returncode == 0 and os.path.exists(result_file):
             with open(result_file) as f:
-                record = json.load(f)
+                run_records = json.load(f)
+            record = run_records[0]
             note = f"ok  {metrics[0]} {record.get('test_' + metrics[0], float('nan')):.4f}  {record['epoch_s']:.1f} s/epoch"
         else:
             with open(log) as f:
                 tail = [line.strip() for line in f.read().splitlines() if line.strip()][-1:] or ["no output"]
-            record = {"model": model, "seed": seed, "status": "failed", "error": f"exit {proc.returncode}: {tail[0][:300]}"}
-            note = f"FAILED ({record['error']}); log: {log}"
-        records.append(record)
+            run_records = [{"model": model, "seed": seed, "status": "failed", "error": f"exit {proc.returncode}: {tail[0][:300]}"}]
+            note = f"FAILED ({run_records[0]['error']}); log: {log}"
+        records.extend(run_records)
         print(f"[{n}/{len(runs)}] {model} seed={seed}: {note} ({time.perf_counter() - start:.0f} s)", flush=True)
     keys = []
     for r in records:
@@ -201,6 +230,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config_files", default=None, help="space-separated YAML files applied to every model")
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--report_metrics", default="ndcg@10,recall@10", help="metrics in results.md (first one is plotted)")
+    parser.add_argument("--baseline", default=None,
+                        help="row the paired t-tests compare against (default: the first model), e.g. PAD/pretrain")
     parser.epilog = "Any other --key=value is a RecBole override applied to every model."
 
 
@@ -213,15 +244,15 @@ def main_from_args(args: argparse.Namespace, overrides: List[str]) -> int:
     metrics = [m.lower() for m in args.report_metrics.split(",")]
     config_files = [os.path.abspath(p) for p in args.config_files.split()] if args.config_files else []
     records = run_bench(models, args.dataset, seeds, config_files, overrides, args.out, metrics)
-    print(summarize(records, models, metrics, args.out))
+    print(summarize(records, models, metrics, args.out, args.baseline))
     return 0 if any(r["status"] == "ok" for r in records) else 1
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        record = _worker(json.loads(sys.argv[2]))
+        result = _worker(json.loads(sys.argv[2]))
         with open(sys.argv[3], "w") as f:
-            json.dump(record, f)
+            json.dump(result, f)
     else:
         parser = argparse.ArgumentParser(prog="recbole-llmfuse bench", description=__doc__)
         add_arguments(parser)

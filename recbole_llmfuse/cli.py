@@ -3,7 +3,8 @@
 * ``run_recbole`` — RecBole's ``run_recbole.py`` as an installed command, plugin-aware: the same flags
   (``--model/-m``, ``--dataset/-d``, ``--config_files``, ``--nproc``, ``--ip``, ``--port``,
   ``--world_size``, ``--group_offset``) plus RecBole's ``--key=value`` overrides.
-* ``recbole-llmfuse`` — the umbrella command: ``run`` (same as ``run_recbole``), ``models``, ``prep``, ``bench``.
+* ``recbole-llmfuse`` — the umbrella command: ``run`` (same as ``run_recbole``), ``models``, ``prep``, ``bench``,
+  ``analyze``.
 """
 from __future__ import annotations
 
@@ -183,6 +184,34 @@ def _prep_amazon(args: argparse.Namespace, rest: List[str]) -> int:
     return 0
 
 
+def _add_analyze_arguments(analyze: argparse.ArgumentParser) -> None:
+    sub = analyze.add_subparsers(dest="analyze_command", required=True)
+    p = sub.add_parser("kendall", help="Kendall tau of behaviour-target distances per popularity bucket (PAD §4.3)")
+    p.add_argument("--ref", required=True, help="reference space, CHECKPOINT.pth:TABLE (e.g. saved/FastSASRec-....pth:item)")
+    p.add_argument("--cmp", required=True, action="append",
+                   help="compared space(s), CHECKPOINT.pth:TABLE; repeat for several curves. Tables: item, llm, "
+                        "PAD's id / align_id / align_text / align / text, or a state-dict key")
+    p.add_argument("--out", default="analysis_out", help="writes kendall.csv and kendall.png here")
+    p.add_argument("--max_pairs", type=int, default=200_000, help="pairs sampled per bucket (fixed seed)")
+    p.add_argument("--buckets", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _analyze(args: argparse.Namespace, rest: List[str]) -> int:
+    import recbole_llmfuse  # noqa: F401  (compat shims)
+    from recbole_llmfuse.analysis import kendall_report
+    from recbole_llmfuse.config import ConfigError
+
+    if rest:
+        raise ConfigError(f"unrecognized arguments: {' '.join(rest)}")
+    rows = kendall_report(args.ref, args.cmp, args.out, args.max_pairs, args.seed, args.buckets)
+    print("comparison\tgroup\ttau\tpairs")
+    for r in rows:
+        print(f"{r['comparison']}\t{r['group']}\t{r['tau']:.4f}\t{r['pairs']}")
+    print(f"wrote {os.path.join(args.out, 'kendall.csv')} and kendall.png")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``recbole-llmfuse`` command."""
     parser = argparse.ArgumentParser(prog="recbole-llmfuse", description="LLM-fusion models for RecBole.")
@@ -194,6 +223,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from recbole_llmfuse import bench
 
     bench.add_arguments(sub.add_parser("bench", help="several models x seeds under one protocol: tables and plots"))
+    _add_analyze_arguments(sub.add_parser("analyze", help="diagnostics of trained models (Kendall-tau alignment tool)"))
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return _guarded(lambda: bench.main_from_args(args, rest), "recbole-llmfuse bench")
@@ -201,6 +231,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _guarded(lambda: _run(args, rest, "recbole-llmfuse run"), "recbole-llmfuse run")
     if args.command == "prep":
         return _guarded(lambda: _prep(args, rest), "recbole-llmfuse prep")
+    if args.command == "analyze":
+        return _guarded(lambda: _analyze(args, rest), "recbole-llmfuse analyze")
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return _models(args)

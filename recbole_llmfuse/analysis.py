@@ -1,0 +1,177 @@
+"""Diagnostics of learned item spaces: PAD's Kendall-tau distance-concordance tool (paper §4.3, Eq. 13).
+
+How much has a learned item space distorted the *ordering of distances* of a reference space? For every
+(behaviour ``i_s``, target ``i_t``, ``s < t``) pair of the test users' sequences, the two spaces give the
+distances ``dA = ||A[i_s] - A[i_t]||`` and ``dB = ||B[i_s] - B[i_t]||``; Kendall's tau between the ``dA`` and
+``dB`` of the pairs whose *target* falls in a training-popularity bucket says how well that bucket's
+geometry survived (1: same ordering; < 0.5: more than a quarter of the orderings flipped). Spaces may
+differ in size and modality (an ID table against the raw LLM table is fine).
+
+``recbole-llmfuse analyze kendall --ref A.pth:id --cmp B.pth:align_id [--cmp ...] --out DIR`` writes
+``kendall.csv`` and ``kendall.png`` (tau per bucket, one curve per comparison).
+"""
+from __future__ import annotations
+
+import csv
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from recbole_llmfuse.config import ConfigError
+
+
+def sequence_pairs(item_seqs: np.ndarray, lengths: np.ndarray, targets: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """All ``(behaviour, target)`` pairs ``s < t`` of each sequence (repeats kept, padding skipped).
+
+    ``item_seqs [U, L]`` right-padded histories with ``lengths [U]``; ``targets [U]`` (optional) is appended
+    to each history first. Returns ``(src [P], tgt [P])`` item ids.
+    """
+    if targets is not None:
+        full = np.zeros((item_seqs.shape[0], item_seqs.shape[1] + 1), dtype=np.int64)
+        full[:, :-1] = item_seqs
+        full[np.arange(len(lengths)), lengths] = targets
+        item_seqs, lengths = full, lengths + 1
+    s_idx, t_idx = np.triu_indices(item_seqs.shape[1], k=1)
+    src, tgt = [], []
+    for seq, n in zip(item_seqs, lengths):
+        keep = t_idx < n
+        src.append(seq[s_idx[keep]])
+        tgt.append(seq[t_idx[keep]])
+    return np.concatenate(src), np.concatenate(tgt)
+
+
+def kendall_by_bucket(
+    table_a: np.ndarray,
+    table_b: np.ndarray,
+    src: np.ndarray,
+    tgt: np.ndarray,
+    bucket: np.ndarray,
+    max_pairs: int = 200_000,
+    seed: int = 0,
+) -> Dict[str, Tuple[float, int]]:
+    """``{"overall": (tau, pairs), "b01": (tau, pairs), ...}``: Kendall's tau-b of Euclidean distances.
+
+    Each pair goes to the bucket of its target; at most ``max_pairs`` pairs per group are sampled (fixed
+    ``seed``). Groups with fewer than 3 pairs give NaN.
+    """
+    from scipy.stats import kendalltau
+
+    a, b = np.asarray(table_a, dtype=np.float64), np.asarray(table_b, dtype=np.float64)
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"the two tables have {a.shape[0]} and {b.shape[0]} rows; they must index the same items")
+    rng = np.random.default_rng(seed)
+    groups = {"overall": np.ones(len(src), dtype=bool)}
+    for k in range(1, int(bucket.max()) + 1):
+        groups[f"b{k:02d}"] = bucket[tgt] == k
+    out = {}
+    for name, mask in groups.items():
+        idx = np.flatnonzero(mask)
+        if len(idx) > max_pairs:
+            idx = rng.choice(idx, max_pairs, replace=False)
+        if len(idx) < 3:
+            out[name] = (float("nan"), int(len(idx)))
+            continue
+        d_a = np.linalg.norm(a[src[idx]] - a[tgt[idx]], axis=1)
+        d_b = np.linalg.norm(b[src[idx]] - b[tgt[idx]], axis=1)
+        out[name] = (float(kendalltau(d_a, d_b).statistic), int(len(idx)))
+    return out
+
+
+def item_table(model, name: str) -> np.ndarray:
+    """An item representation ``[n_items, d]`` of a trained model, by name.
+
+    ``item`` (the model's candidate vectors: ``all_item_vectors()``, or RecBole's ``item_embedding``),
+    ``llm`` (the frozen text table of LLM-fused models), a name of ``model.item_tables()`` (PAD: ``id``,
+    ``align_id``, ``align_text``, ``align``, ``text``), or any ``[n_items, d]`` entry of the state dict.
+    """
+    model.eval()
+    with torch.no_grad():
+        tables = model.item_tables() if hasattr(model, "item_tables") else {}
+        if name in tables:
+            return tables[name].detach().cpu().numpy()
+        if name == "llm" and hasattr(model, "item_text_emb"):
+            return model.item_text_emb.cpu().numpy()
+        if name == "item":
+            if hasattr(model, "all_item_vectors"):
+                return model.all_item_vectors().detach().cpu().numpy()
+            if hasattr(model, "item_embedding"):
+                return model.item_embedding.weight.detach().cpu().numpy()
+        state = model.state_dict()
+        if name in state and state[name].dim() == 2 and state[name].shape[0] == model.n_items:
+            return state[name].cpu().numpy()
+    known = sorted(set(tables) | {"item"} | ({"llm"} if hasattr(model, "item_text_emb") else set()))
+    raise ConfigError(f"model {type(model).__name__} has no item table '{name}'; use one of {known} "
+                      f"or a state-dict key of an [n_items, d] tensor")
+
+
+def _load(path: str, cache: dict):
+    if path not in cache:
+        from recbole_llmfuse.quick_start import load_data_and_model
+
+        if not os.path.isfile(path):
+            raise ConfigError(f"checkpoint {path} does not exist")
+        cache[path] = load_data_and_model(path)
+    return cache[path]
+
+
+def _spec(text: str) -> Tuple[str, str]:
+    path, sep, table = text.rpartition(":")
+    if not sep or not path or not table:
+        raise ConfigError(f"'{text}': write CHECKPOINT.pth:TABLE, e.g. saved/PAD-finetune-....pth:align_id")
+    return path, table
+
+
+def kendall_report(ref: str, comparisons: Sequence[str], out: str, max_pairs: int = 200_000, seed: int = 0,
+                   n_buckets: int = 10) -> List[dict]:
+    """Kendall tau per bucket of each ``CKPT:TABLE`` in ``comparisons`` against ``ref``; CSV + PNG in ``out``."""
+    from recbole_llmfuse.evaluation import training_counts
+    from recbole_llmfuse.model.fusion import frequency_buckets
+
+    cache: dict = {}
+    ref_path, ref_table = _spec(ref)
+    _, ref_model, _, train_data, _, test_data = _load(ref_path, cache)
+    a = item_table(ref_model, ref_table)
+    bucket = frequency_buckets(training_counts(train_data.dataset)[0], n_buckets)
+    inter = test_data.dataset.inter_feat
+    cfg = test_data.dataset.config
+    iid = test_data.dataset.iid_field
+    src, tgt = sequence_pairs(inter[iid + cfg["LIST_SUFFIX"]].numpy(), inter[cfg["ITEM_LIST_LENGTH_FIELD"]].numpy(),
+                              inter[iid].numpy())
+    rows = []
+    for spec in comparisons:
+        path, table = _spec(spec)
+        _, model, _, _, _, _ = _load(path, cache)
+        if model.n_items != ref_model.n_items:
+            raise ConfigError(f"{spec}: {model.n_items} items, the reference {ref_model.n_items}; use the same dataset")
+        result = kendall_by_bucket(a, item_table(model, table), src, tgt, bucket, max_pairs, seed)
+        for group, (tau, pairs) in result.items():
+            rows.append({"comparison": f"{ref} vs {spec}", "group": group, "tau": tau, "pairs": pairs})
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "kendall.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["comparison", "group", "tau", "pairs"])
+        writer.writeheader()
+        writer.writerows(rows)
+    _plot(rows, os.path.join(out, "kendall.png"))
+    return rows
+
+
+def _plot(rows: List[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in dict.fromkeys(r["comparison"] for r in rows):
+        pts = [(int(r["group"][1:]), r["tau"]) for r in rows if r["comparison"] == name and r["group"] != "overall"]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name.split(" vs ")[1])
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("target item popularity bucket (training split; 1 = most popular)")
+    ax.set_ylabel("Kendall tau of behaviour-target distances")
+    ax.set_title(f"reference: {rows[0]['comparison'].split(' vs ')[0]}" if rows else "")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
