@@ -4,7 +4,7 @@
   (``--model/-m``, ``--dataset/-d``, ``--config_files``, ``--nproc``, ``--ip``, ``--port``,
   ``--world_size``, ``--group_offset``) plus RecBole's ``--key=value`` overrides.
 * ``recbole-llmfuse`` — the umbrella command: ``run`` (same as ``run_recbole``), ``models``, ``prep``, ``bench``,
-  ``analyze``.
+  ``analyze``, ``tune``.
 """
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ ERROR_EXIT = 2
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", "-m", type=str, default="BPR", help="model name (default: BPR, as RecBole)")
-    parser.add_argument("--dataset", "-d", type=str, default="ml-100k", help="dataset name (default: ml-100k)")
+    parser.add_argument("--model", "-m", type=str, default=None,
+                        help="model name (default: `model:` of the config files, else BPR, as RecBole)")
+    parser.add_argument("--dataset", "-d", type=str, default=None,
+                        help="dataset name (default: `dataset:` of the config files, else ml-100k)")
     parser.add_argument("--config_files", type=str, default=None, help="space-separated YAML config files")
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this node; >1 uses DDP")
     parser.add_argument("--ip", type=str, default="localhost", help="DDP master address")
@@ -32,6 +34,22 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _from_config_files(paths: List[str]) -> dict:
+    """``model``/``dataset`` named in config files (later files win), so ``--config_files best.yaml`` suffices."""
+    import yaml
+
+    from recbole_llmfuse.config import ConfigError
+
+    found = {}
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path} does not exist")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        found.update({k: data[k] for k in ("model", "dataset") if isinstance(data, dict) and data.get(k)})
+    return found
+
+
 def _fmt(result: dict) -> str:
     return "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
 
@@ -42,6 +60,9 @@ def _run(args: argparse.Namespace, overrides: List[str], prog: str) -> int:
 
     parse_overrides(overrides)  # fail fast, before any data is loaded
     config_file_list = args.config_files.strip().split(" ") if args.config_files else None
+    from_files = _from_config_files(config_file_list or [])
+    args.model = args.model or from_files.get("model") or "BPR"
+    args.dataset = args.dataset or from_files.get("dataset") or "ml-100k"
     result = recbole_llmfuse.run(
         args.model,
         args.dataset,
@@ -224,6 +245,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     bench.add_arguments(sub.add_parser("bench", help="several models x seeds under one protocol: tables and plots"))
     _add_analyze_arguments(sub.add_parser("analyze", help="diagnostics of trained models (Kendall-tau alignment tool)"))
+    from recbole_llmfuse import tune
+
+    tune.add_arguments(sub.add_parser("tune", help="Ray Tune sweep, reported every epoch (ASHA), any model"))
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return _guarded(lambda: bench.main_from_args(args, rest), "recbole-llmfuse bench")
@@ -231,6 +255,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _guarded(lambda: _run(args, rest, "recbole-llmfuse run"), "recbole-llmfuse run")
     if args.command == "prep":
         return _guarded(lambda: _prep(args, rest), "recbole-llmfuse prep")
+    if args.command == "tune":
+        return _guarded(lambda: tune.main_from_args(args, rest), "recbole-llmfuse tune")
     if args.command == "analyze":
         return _guarded(lambda: _analyze(args, rest), "recbole-llmfuse analyze")
     if rest:

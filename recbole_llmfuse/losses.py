@@ -11,6 +11,8 @@ row ``i`` of ``x`` and row ``i`` of ``y`` describe the same item) and returns a 
 * :func:`cosine_alignment` — paired ``mean(1 - cos(x_i, y_i))``.
 * :func:`info_nce` — paired InfoNCE with in-batch negatives (items repeated in the batch are not
   each other's negatives when ``ids`` is given).
+* :func:`barlow_twins` — Barlow-Twins cross-correlation loss between two paired views (FAERec's FLA),
+  and :func:`grouped_barlow_twins`, the same per popularity group (high / low half), summed.
 * :func:`alignment_loss` — any of the above by name (the config switch of PAD's RQ3).
 """
 from __future__ import annotations
@@ -94,6 +96,37 @@ def info_nce(x: torch.Tensor, y: torch.Tensor, temperature: float = 0.1, ids: Op
         logits = logits.masked_fill(same, float("-inf"))
     target = torch.arange(x.shape[0], device=x.device)
     return F.cross_entropy(logits, target)
+
+
+def barlow_twins(x: torch.Tensor, y: torch.Tensor, off_diagonal_weight: float = 0.005) -> torch.Tensor:
+    """``sum_k (1 - C_kk)^2 + lambda * sum_{k != l} C_kl^2`` with ``C = (1/S) Zx^T Zy`` over ``S`` paired rows.
+
+    Each column is standardised over the rows (unbiased std + 1e-5, as FAERec's code); a sum over
+    dimensions, not a mean (the scale is O(d)). Fewer than 2 rows: 0 (the std is undefined).
+    """
+    s = x.shape[0]
+    if s < 2:
+        return x.new_zeros(())
+    zx = (x - x.mean(0)) / (x.std(0) + 1e-5)
+    zy = (y - y.mean(0)) / (y.std(0) + 1e-5)
+    c = zx.T @ zy / s  # [d, d]
+    diag = torch.diagonal(c)
+    on = (1.0 - diag).pow(2).sum()
+    off = c.pow(2).sum() - diag.pow(2).sum()
+    return on + off_diagonal_weight * off
+
+
+def grouped_barlow_twins(x: torch.Tensor, y: torch.Tensor, popularity: torch.Tensor,
+                         off_diagonal_weight: float = 0.005, split: bool = True) -> torch.Tensor:
+    """FAERec's FLA: :func:`barlow_twins` on the rows with ``popularity >= median`` plus on the rest.
+
+    ``popularity [S]`` per row (training counts). ``split=False``: one loss over all rows ("w/o PG").
+    Groups of fewer than 2 rows are skipped (no NaN).
+    """
+    if not split:
+        return barlow_twins(x, y, off_diagonal_weight)
+    high = popularity >= popularity.float().median()
+    return barlow_twins(x[high], y[high], off_diagonal_weight) + barlow_twins(x[~high], y[~high], off_diagonal_weight)
 
 
 def alignment_loss(

@@ -94,3 +94,14 @@ class StagedTrainer(Trainer):
                 set_color(f"phase '{stage}' best valid", "yellow") + f": {dict(result[1] or {})}"
             )
         return result
+
+
+class EpochAwareTrainer(Trainer):
+    """RecBole ``Trainer`` that tells the model which epoch starts (``model.on_epoch_start(epoch_idx)``).
+
+    RecBole never passes the epoch into ``calculate_loss``; curriculum schedules (FAERec) need it.
+    """
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        self.model.on_epoch_start(epoch_idx)
+        return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)

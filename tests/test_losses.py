@@ -63,3 +63,20 @@ def test_alignment_loss_by_name():
         assert value == 0.0 if name == "none" else value > 0.0
     with pytest.raises(ValueError, match="unknown alignment loss"):
         alignment_loss("kl", x, y)
+
+
+def test_barlow_twins_zero_for_identical_views_and_grouped_skips_tiny_groups():
+    from recbole_llmfuse.losses import barlow_twins, grouped_barlow_twins
+
+    x, y = _sets(n=2000, d=4)
+    same = float(barlow_twins(x, x, 0.0))  # C_kk = (S-1)/S per the code's normaliser
+    assert same == pytest.approx(4 * (1 / 2000) ** 2, abs=1e-5)
+    assert float(barlow_twins(x, y)) > 3.5  # independent views: C_kk ~ 0 -> ~ d
+    decorrelated = float(barlow_twins(x, x, 1.0))
+    assert decorrelated < 0.05  # independent columns: off-diagonal ~ 0
+    assert float(barlow_twins(x[:1], y[:1])) == 0.0
+    pop = torch.tensor([9, 1, 2, 3], dtype=torch.float)  # median 2: high = rows 0, 2, 3; low = row 1 alone, skipped
+    value = grouped_barlow_twins(x[:4], y[:4], pop)
+    rows = torch.tensor([0, 2, 3])
+    assert torch.isfinite(value) and float(value) == pytest.approx(float(barlow_twins(x[rows], y[rows])))
+    assert float(grouped_barlow_twins(x, y, torch.ones(2000), split=False)) == pytest.approx(float(barlow_twins(x, y)))

@@ -17,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 
+from torch import nn
+
 from recbole_llmfuse.data import LLMSequentialDataset
+from recbole_llmfuse.model.encoders import SequenceBackbone
 from recbole_llmfuse.model.sequential import init_weights
 
 LOSS_TYPES = ("CE", "BPR", "BCE")
@@ -82,6 +85,30 @@ class SequentialBase(SequentialRecommender):
 
     def full_sort_predict(self, interaction) -> torch.Tensor:
         return self.score_all(self._seq_output(interaction))
+
+
+class IDSequentialRecommender(SequentialBase):
+    """ID-only model: ``item_embedding [n_items, D]`` into a :class:`SequenceBackbone` of kind
+    ``backbone_kind`` (class attribute; ``None`` = the config's ``backbone``). FastSASRec and FMLPRec."""
+
+    backbone_kind = None
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.hidden_size = config["hidden_size"]
+        self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
+        self.backbone = SequenceBackbone(config, self.max_seq_length, kind=self.backbone_kind)
+        self.init_parameters()
+
+    def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+        """``[B, L]``, ``[B]`` -> ``[B, D]``"""
+        return self.backbone(self.item_embedding(item_seq), item_seq, item_seq_len)
+
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        return self.item_embedding(items)
+
+    def all_item_vectors(self) -> torch.Tensor:
+        return self.item_embedding.weight
 
 
 class LLMFusedSequentialRecommender(SequentialBase):

@@ -23,7 +23,7 @@ from torch import nn
 
 from recbole_llmfuse.model.base import LLMFusedSequentialRecommender
 from recbole_llmfuse.model.layers import MLP
-from recbole_llmfuse.model.sequential import SASRecBackbone
+from recbole_llmfuse.model.encoders import SequenceBackbone
 
 FUSIONS = ("concat_linear", "concat", "sum")
 GATES = ("bucket", "mlp", "global")
@@ -99,7 +99,8 @@ class FusedTokens(nn.Module):
 
 
 class Expert(nn.Module):
-    """A token source plus its own SASRec backbone; logits are dot products in the expert's space.
+    """A token source plus its own sequence backbone (config ``backbone``: SASRec, FMLPRec, GRU4Rec); logits
+    are dot products in the expert's space.
 
     ``forward(item_seq [B, L], item_seq_len [B], table) -> u [B, D]``; ``vectors(items [B] or [B, K])``
     and ``all_vectors() [n_items, D]`` give candidates in the same space.
@@ -108,7 +109,7 @@ class Expert(nn.Module):
     def __init__(self, tokens: nn.Module, config, max_seq_length: int):
         super().__init__()
         self.tokens = tokens
-        self.backbone = SASRecBackbone(config, max_seq_length, hidden_size=tokens.dim)
+        self.backbone = SequenceBackbone(config, max_seq_length, hidden_size=tokens.dim)
 
     def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, table: Optional[torch.Tensor] = None):
         return self.backbone(self.tokens(item_seq, table), item_seq, item_seq_len)

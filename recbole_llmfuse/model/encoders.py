@@ -1,0 +1,145 @@
+"""Sequence encoders behind one switch (``backbone``): ``[B, L, D]`` item states -> ``[B, D]`` read-out.
+
+Every model of the package embeds items its own way (ID table, projected LLM text, fusions) and hands
+the ``[B, L, D]`` token states to one of these, read out at each sequence's last item:
+
+* ``SASRec`` — causal self-attention (:class:`~recbole_llmfuse.model.layers.FastTransformerEncoder`);
+* ``FMLPRec`` — FMLP-Rec's learnable frequency filters (Zhou et al., WWW 2022): rFFT over the sequence
+  axis, element-wise complex weights ``[L//2+1, D]``, irFFT, dropout, residual, LayerNorm; then the
+  transformer block's feed-forward sub-layer. Not in RecBole, written here;
+* ``GRU4Rec`` — RecBole's GRU4Rec encoder (GRU over the sequence, then ``Linear(hidden, D)``).
+
+:class:`SequenceBackbone` adds what goes between the token lookup and the encoder in RecBole's models
+(learned positions, LayerNorm, dropout; GRU4Rec: dropout only).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from recbole_llmfuse.model.layers import Dropout, FastTransformerEncoder, activation
+
+BACKBONES = ("SASRec", "FMLPRec", "GRU4Rec")
+TRANSFORMER_KEYS = (
+    "n_layers",
+    "n_heads",
+    "hidden_size",
+    "inner_size",
+    "hidden_dropout_prob",
+    "attn_dropout_prob",
+    "hidden_act",
+    "layer_norm_eps",
+)
+
+
+def gather_last(states: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+    """``states [B, L, D]`` at position ``item_seq_len - 1`` -> ``[B, D]``."""
+    return states[torch.arange(states.shape[0], device=states.device), item_seq_len - 1]
+
+
+class FeedForward(nn.Module):
+    """Position-wise ``Linear -> act -> Linear -> dropout -> +residual -> LayerNorm`` (BERT/SASRec sub-layer)."""
+
+    def __init__(self, hidden: int, inner: int, dropout: float, act: str, eps: float):
+        super().__init__()
+        self.dense_1, self.dense_2 = nn.Linear(hidden, inner), nn.Linear(inner, hidden)
+        self.act, self.dropout, self.norm = activation(act), Dropout(dropout), nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.dropout(self.dense_2(self.act(self.dense_1(x)))) + x)
+
+
+class FilterLayer(nn.Module):
+    """FMLP-Rec's frequency filter: ``LN(x + dropout(irfft(rfft(x) * W)))`` over ``[B, L, D]``."""
+
+    def __init__(self, max_len: int, hidden: int, dropout: float, eps: float):
+        super().__init__()
+        self.complex_weight = nn.Parameter(torch.randn(1, max_len // 2 + 1, hidden, 2) * 0.02)
+        self.dropout, self.norm = Dropout(dropout), nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        length = x.shape[1]
+        spectrum = torch.fft.rfft(x.float(), dim=1, norm="ortho")
+        filtered = torch.fft.irfft(spectrum * torch.view_as_complex(self.complex_weight), n=length, dim=1, norm="ortho")
+        return self.norm(self.dropout(filtered.to(x.dtype)) + x)
+
+
+class FMLPEncoder(nn.Module):
+    """``n_layers`` x (:class:`FilterLayer` -> :class:`FeedForward`); ``[B, L, D] -> [B, L, D]``.
+
+    As in FMLP-Rec, no attention mask: padding positions are zero-embedded inputs, and the filter sees the
+    whole (right-padded, in RecBole) sequence.
+    """
+
+    def __init__(self, config, max_len: int, hidden: int):
+        super().__init__()
+        eps, drop = config["layer_norm_eps"], config["hidden_dropout_prob"]
+        self.layers = nn.ModuleList(
+            nn.Sequential(FilterLayer(max_len, hidden, drop, eps),
+                          FeedForward(hidden, config["inner_size"], drop, config["hidden_act"], eps))
+            for _ in range(config["n_layers"])
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class SequenceBackbone(nn.Module):
+    """``embed`` (positions + LayerNorm + dropout) then ``encode``; ``forward(item_emb [B, L, D], item_seq [B, L],
+    item_seq_len [B]) -> [B, D]``. ``kind`` is one of :data:`BACKBONES`; ``D`` = ``hidden_size``.
+
+    ``SASRec`` is exactly RecBole SASRec's ``forward`` after its item-embedding lookup. Models that build
+    their own input states (FAERec's gated fusion) call :meth:`encode` directly and may reuse
+    ``position_embedding``.
+    """
+
+    def __init__(self, config, max_seq_length: int, hidden_size: int = None, causal: bool = True, kind: str = None):
+        super().__init__()
+        kind = kind or config["backbone"] or "SASRec"
+        if kind not in BACKBONES:
+            raise ValueError(f"backbone '{kind}' is not supported; choose one of {BACKBONES}")
+        self.kind = kind
+        self.hidden_size = hidden_size or config["hidden_size"]
+        self.causal = causal
+        d = self.hidden_size
+        if kind == "GRU4Rec":
+            self.position_embedding = None
+            self.LayerNorm = None
+            self.dropout = Dropout(config["dropout_prob"] if config["dropout_prob"] is not None else config["hidden_dropout_prob"])
+            self.gru = nn.GRU(d, d, num_layers=config["num_layers"] or 1, bias=False, batch_first=True)
+            self.dense = nn.Linear(d, d)
+            return
+        self.position_embedding = nn.Embedding(max_seq_length, d)
+        self.LayerNorm = nn.LayerNorm(d, eps=config["layer_norm_eps"])
+        self.dropout = Dropout(config["hidden_dropout_prob"])
+        if kind == "SASRec":
+            kwargs = {k: config[k] for k in TRANSFORMER_KEYS}
+            kwargs["hidden_size"] = d
+            self.encoder = FastTransformerEncoder(**kwargs)
+        else:
+            self.encoder = FMLPEncoder(config, max_seq_length, d)
+
+    def positions(self, item_seq: torch.Tensor) -> torch.Tensor:
+        """Learned position vectors ``[L, D]`` (``None`` for GRU4Rec)."""
+        if self.position_embedding is None:
+            return None
+        return self.position_embedding(torch.arange(item_seq.size(1), device=item_seq.device))
+
+    def embed(self, item_emb: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
+        if self.position_embedding is None:
+            return self.dropout(item_emb)
+        return self.dropout(self.LayerNorm(item_emb + self.positions(item_seq)))
+
+    def encode(self, hidden: torch.Tensor, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+        """Prepared states ``[B, L, D]`` -> read-out ``[B, D]`` at each sequence's last item."""
+        if self.kind == "SASRec":
+            return self.encoder.forward_at(hidden, item_seq != 0, item_seq_len - 1, causal=self.causal)
+        if self.kind == "FMLPRec":
+            return gather_last(self.encoder(hidden), item_seq_len)
+        out, _ = self.gru(hidden)
+        return gather_last(self.dense(out), item_seq_len)
+
+    def forward(self, item_emb: torch.Tensor, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+        return self.encode(self.embed(item_emb, item_seq), item_seq, item_seq_len)
