@@ -91,3 +91,46 @@ def test_training_mode_runs_backward_through_every_path():
     out = fast.forward_at(x, padding, lengths - 1) .sum() + fast(x, padding, causal=False).sum()
     out.backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_lru_parallel_kernel_equals_the_recurrence():
+    """LRURec's layer computes h_t = lambda h_{t-1} + gamma B x_t as a causal convolution: same values."""
+    from recbole_llmfuse.model.encoders import LRULayer
+
+    torch.manual_seed(0)
+    layer = LRULayer(hidden=8, state=16)
+    x = torch.randn(3, 7, 8)
+    lam = torch.exp(torch.complex(-torch.exp(layer.nu_log), torch.exp(layer.theta_log)))
+    B, C = torch.view_as_complex(layer.B), torch.view_as_complex(layer.C)
+    h = torch.zeros(3, 16, dtype=torch.complex64)
+    expected = []
+    for t in range(7):
+        h = lam * h + torch.exp(layer.gamma_log) * (x[:, t].to(torch.complex64) @ B.T)
+        expected.append((h @ C.T).real + x[:, t] * layer.D)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), torch.stack(expected, 1), atol=1e-5)
+    assert (lam.abs() > 0.79).all() and (lam.abs() < 0.991).all()  # ring initialisation
+
+
+@pytest.mark.parametrize("kind", ["SASRec", "LRURec", "GRU4Rec", "NARM"])
+def test_backbones_are_causal_at_the_read_out(kind):
+    """The read-out at position len-1 ignores what follows it. (FMLPRec filters the whole padded sequence,
+    as the original does; RecBole's training prefixes never hold future items, so nothing leaks.)"""
+    from recbole_llmfuse.model.encoders import SequenceBackbone
+
+    cfg = {"n_layers": 2, "n_heads": 2, "hidden_size": 8, "inner_size": 16, "hidden_dropout_prob": 0.0,
+           "attn_dropout_prob": 0.0, "hidden_act": "gelu", "layer_norm_eps": 1e-12, "backbone": kind,
+           "dropout_prob": 0.0, "num_layers": 1, "dropout_probs": [0.0, 0.0]}
+    torch.manual_seed(0)
+    backbone = SequenceBackbone(_Cfg(cfg), max_seq_length=6).eval()
+    seq = torch.tensor([[3, 4, 5, 0, 0, 0]])
+    emb = torch.randn(1, 6, 8)
+    other = emb.clone()
+    other[:, 3:] = torch.randn(1, 3, 8)  # change everything after the last item
+    length = torch.tensor([3])
+    assert torch.allclose(backbone(emb, seq, length), backbone(other, seq, length), atol=1e-5)
+
+
+class _Cfg(dict):
+    def __getitem__(self, key):
+        return self.get(key)

@@ -71,7 +71,7 @@ def test_curriculum_is_a_cosine_cycle(small_cfg, with_embeddings):
 
 
 @pytest.mark.parametrize("overrides", [
-    {}, {"backbone": "FMLPRec"}, {"backbone": "GRU4Rec"}, {"fusion": "mean"}, {"fusion": "id_only"},
+    {}, {"backbone": "FMLPRec"}, {"backbone": "LRURec"}, {"backbone": "GRU4Rec"}, {"backbone": "NARM"}, {"fusion": "mean"}, {"fusion": "id_only"},
     {"use_ila": False}, {"use_fla": False}, {"use_pop_group": False}, {"align_item_source": "occurrences"},
     {"loss_type": "CE"},
 ])
@@ -114,3 +114,12 @@ def test_faerec_learns_and_reports_tail_metrics(small_cfg, with_minilm):
     assert losses[-1] < losses[0]
     assert result["hit@10"] > 2 * 10 / (dataset.item_num - 1)  # beats a random ranker
     assert "ndcg@10/tail" in result and "ndcg@10/head" in result
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backbone", ["SASRec", "FMLPRec", "LRURec", "GRU4Rec", "NARM"])
+def test_every_backbone_trains_and_its_loss_falls(small_cfg, with_embeddings, backbone):
+    config, _, model, train_data, _, _ = _build(_cfg(small_cfg, with_embeddings, backbone=backbone, epochs=3))
+    trainer = make_trainer(config, model)
+    losses = [trainer._train_epoch(train_data, e, show_progress=False) for e in range(3)]
+    assert losses[-1] < losses[0], losses

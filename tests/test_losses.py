@@ -80,3 +80,11 @@ def test_barlow_twins_zero_for_identical_views_and_grouped_skips_tiny_groups():
     rows = torch.tensor([0, 2, 3])
     assert torch.isfinite(value) and float(value) == pytest.approx(float(barlow_twins(x[rows], y[rows])))
     assert float(grouped_barlow_twins(x, y, torch.ones(2000), split=False)) == pytest.approx(float(barlow_twins(x, y)))
+
+
+def test_ila_infonce_is_smallest_when_the_two_tables_are_equal():
+    x, _ = _sets(n=64, d=16)
+    equal = float(info_nce(x, x, temperature=0.05))
+    for scale in (0.1, 0.5, 2.0):
+        noisy = x + scale * torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+        assert equal < float(info_nce(x, noisy, temperature=0.05))

@@ -36,7 +36,7 @@ def _random_ranker_recall(dataset):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("model, loss_type", [("FastSASRec", "CE"), ("FastSASRec", "BCE"), ("MoRec", "CE"), ("Hybrid", "CE")])
+@pytest.mark.parametrize("model, loss_type", [("FastSASRec", "CE"), ("FastSASRec", "BCE"), ("MoRec", "CE"), ("Hybrid", "CE"), ("FMLPRec", "CE"), ("LRURec", "CE")])
 def test_model_learns(small_cfg, with_embeddings, model, loss_type):
     cfg = small_cfg(data_path=with_embeddings, loss_type=loss_type, learning_rate=0.003)
     if loss_type != "CE":
