@@ -43,9 +43,11 @@ def _worker(spec: dict) -> List[dict]:
     from recbole_llmfuse.quick_start import build, make_trainer
     from recbole_llmfuse.timing import EpochTimer
 
+    name, variant = parse_variant(spec["model"])
     config = Config(
-        spec["model"], spec["dataset"], config_file_list=spec["config_files"] or None,
-        config_dict={"seed": spec["seed"], "group_metrics": True, "show_progress": False}, argv=spec["overrides"],
+        name, spec["dataset"], config_file_list=spec["config_files"] or None,
+        config_dict={**variant, "seed": spec["seed"], "group_metrics": True, "show_progress": False},
+        argv=spec["overrides"],
     )
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
@@ -88,6 +90,30 @@ def _worker(spec: dict) -> List[dict]:
             **{f"test_{k}": float(v) for k, v in stage_result.items()},
         })
     return records
+
+
+def parse_variant(label: str):
+    """``"FAERec[backbone=FMLPRec,align_alpha=0.3]"`` -> ``("FAERec", {"backbone": "FMLPRec", "align_alpha": 0.3})``.
+
+    A model label may carry its own settings in brackets (values parsed as YAML), so one bench compares
+    variants of one model; they win over the config files, and command-line overrides win over them.
+    """
+    import yaml
+
+    from recbole_llmfuse.config import ConfigError
+
+    if "[" not in label:
+        return label, {}
+    if not label.endswith("]"):
+        raise ConfigError(f"model '{label}': write NAME[key=value,key=value]")
+    name, _, inner = label[:-1].partition("[")
+    settings = {}
+    for item in filter(None, inner.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"model '{label}': '{item}' is not key=value")
+        settings[key.strip()] = yaml.safe_load(value)
+    return name, settings
 
 
 def _mean_std(values) -> str:
@@ -189,14 +215,20 @@ def _plots(by_model: Dict[str, List[dict]], metric: str, out: str) -> None:
     plt.close(fig)
 
 
-def run_bench(models, dataset, seeds, config_files, overrides, out, metrics) -> List[dict]:
+def run_bench(models, dataset, seeds, config_files, overrides, out, metrics, resume: bool = False) -> List[dict]:
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     records = []
     runs = [(m, s) for s in seeds for m in models]  # seed-major: drift on a shared machine hits every model
     for n, (model, seed) in enumerate(runs, start=1):
         spec = {"model": model, "dataset": dataset, "seed": seed, "config_files": config_files, "overrides": overrides}
-        log = os.path.join(out, "logs", f"{model}-seed{seed}.log")
-        result_file = os.path.join(out, "logs", f"{model}-seed{seed}.json")
+        stem = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in model)
+        log = os.path.join(out, "logs", f"{stem}-seed{seed}.log")
+        result_file = os.path.join(out, "logs", f"{stem}-seed{seed}.json")
+        if resume and os.path.exists(result_file):
+            with open(result_file) as f:
+                records.extend(json.load(f))
+            print(f"[{n}/{len(runs)}] {model} seed={seed}: done earlier ({result_file})", flush=True)
+            continue
         start = time.perf_counter()
         with open(log, "w") as f:
             proc = subprocess.run([sys.executable, "-m", "recbole_llmfuse.bench", "--worker", json.dumps(spec), result_file],
@@ -225,11 +257,15 @@ def run_bench(models, dataset, seeds, config_files, overrides, out, metrics) -> 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", "-d", default="ml-100k")
-    parser.add_argument("--models", required=True, help="comma-separated model names, e.g. SASRec,GRU4Rec,MoRec")
+    parser.add_argument("--models", required=True,
+                        help="semicolon- or comma-separated model names, e.g. SASRec,GRU4Rec,MoRec; a name may carry "
+                             "its own settings: 'FAERec[backbone=FMLPRec];FMLPRec' (use ';' between such names)")
     parser.add_argument("--seeds", default="2020", help="comma-separated seeds (default: 2020)")
     parser.add_argument("--config_files", default=None, help="space-separated YAML files applied to every model")
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--report_metrics", default="ndcg@10,recall@10", help="metrics in results.md (first one is plotted)")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse runs whose result file already exists in --out (an interrupted bench goes on)")
     parser.add_argument("--baseline", default=None,
                         help="row the paired t-tests compare against (default: the first model), e.g. PAD/pretrain")
     parser.epilog = "Any other --key=value is a RecBole override applied to every model."
@@ -239,11 +275,14 @@ def main_from_args(args: argparse.Namespace, overrides: List[str]) -> int:
     from recbole_llmfuse.config import parse_overrides
 
     parse_overrides(overrides)
-    models = [m for m in args.models.split(",") if m]
+    sep = ";" if ";" in args.models or "[" in args.models else ","
+    models = [m.strip() for m in args.models.split(sep) if m.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     metrics = [m.lower() for m in args.report_metrics.split(",")]
     config_files = [os.path.abspath(p) for p in args.config_files.split()] if args.config_files else []
-    records = run_bench(models, args.dataset, seeds, config_files, overrides, args.out, metrics)
+    for model in models:
+        parse_variant(model)  # fail fast on a malformed NAME[key=value]
+    records = run_bench(models, args.dataset, seeds, config_files, overrides, args.out, metrics, args.resume)
     print(summarize(records, models, metrics, args.out, args.baseline))
     return 0 if any(r["status"] == "ok" for r in records) else 1
 

@@ -121,3 +121,38 @@ def test_bench_records_a_failed_run_and_goes_on(tmp_path):
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [r["status"] for r in rows] == ["failed", "failed"]
     assert "unknown model 'NoSuchModel'" in rows[1]["error"] or "NoSuchModel" in (out / "results.md").read_text()
+
+
+def test_bench_model_variants_parse_and_fail_clearly():
+    from recbole_llmfuse.bench import parse_variant
+    from recbole_llmfuse.config import ConfigError
+
+    assert parse_variant("FAERec") == ("FAERec", {})
+    assert parse_variant("FAERec[backbone=FMLPRec,align_alpha=0.3]") == ("FAERec", {"backbone": "FMLPRec", "align_alpha": 0.3})
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_variant("FAERec[backbone]")
+
+
+@pytest.mark.integration
+def test_bench_variants_phase_rows_and_resume(small_data_path, tmp_path):
+    """Variants of one model side by side, PAD's phases as rows, and --resume reuses finished runs."""
+    import shutil
+
+    data = tmp_path / "data"  # PAD's hook writes the MiniLM table beside a private copy of the data
+    shutil.copytree(os.path.join(small_data_path, SMALL), data / SMALL)
+    out = tmp_path / "bench"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "recbole-llmfuse"), "bench", f"--dataset={SMALL}",
+           "--models=FastSASRec;FastSASRec[n_layers=1];PAD", "--seeds=0", f"--out={out}", "--epochs=1",
+           "--MAX_ITEM_LIST_LENGTH=5", "--hidden_size=16", f"--data_path={data}",
+           "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}", "--baseline=PAD/pretrain"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {r["model"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    assert set(rows) == {"FastSASRec", "FastSASRec[n_layers=1]", "PAD", "PAD/pretrain", "PAD/align"}
+    assert int(rows["FastSASRec[n_layers=1]"]["trainable_params"]) < int(rows["FastSASRec"]["trainable_params"])
+    assert float(rows["PAD"]["epoch_s_finetune"]) > 0 and float(rows["PAD/pretrain"]["test_ndcg@10"]) > 0
+    assert "| PAD/pretrain |" in (out / "results.md").read_text()
+    again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and again.stdout.count("done earlier") == 3
+    assert {r["model"]: r["test_ndcg@10"] for r in csv.DictReader(open(out / "results.csv"))} == {
+        m: r["test_ndcg@10"] for m, r in rows.items()}
