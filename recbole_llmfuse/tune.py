@@ -187,7 +187,13 @@ def run_tune(model: str, dataset: str, space_file: str, out: str, config_files: 
     probe = Config(model, dataset, config_file_list=config_files or None, argv=overrides)
     fixed = {"data_path": os.path.dirname(probe["data_path"]),  # RecBole appends /<dataset> itself
              "checkpoint_dir": os.path.join(out, "saved")}
-    max_t = int(probe["epochs"])
+    from recbole_llmfuse.registry import get_model
+    from recbole_llmfuse.trainer import StagedTrainer
+
+    # a multi-phase model (PAD) validates up to `epochs` times per phase, and its epoch counter runs on
+    trainer = getattr(get_model(model), "trainer_class", None)
+    staged = isinstance(trainer, type) and issubclass(trainer, StagedTrainer)
+    max_t = int(probe["epochs"]) * (len(probe["train_stages"]) if staged and probe["train_stages"] else 1)
     metric = metric.lower()
     if scheduler == "asha":
         sched = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=grace_period,

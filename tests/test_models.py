@@ -105,3 +105,21 @@ def test_text_tokens_project_each_distinct_item_once_with_per_token_results(smal
             assert torch.allclose(text(seq, model.item_text_emb), per_token, atol=1e-6)
             assert torch.allclose(model.all_item_vectors()[seq], model.item_vectors(seq), atol=1e-5)
             assert model(seq, lengths).shape == (seq.shape[0], cfg["hidden_size"])
+
+
+def test_candidate_table_is_computed_once_per_evaluation_and_refreshed_after_training(small_cfg, with_embeddings):
+    _, model, train_data, _, test_data = build(Config("MoRec", SMALL, config_dict=small_cfg(data_path=with_embeddings), argv=[]))
+    batch = next(iter(test_data))[0]
+    model.eval()
+    with torch.no_grad():
+        first = model.full_sort_predict(batch)
+        assert model.all_item_vectors() is model.all_item_vectors()  # cached within one evaluation
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.calculate_loss(next(iter(train_data))).backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        second = model.full_sort_predict(batch)
+    fresh = model.full_sort_predict(batch).detach()  # autograd on: never cached
+    assert not torch.allclose(first, second) and torch.allclose(second, fresh, atol=1e-5)

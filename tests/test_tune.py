@@ -22,6 +22,15 @@ def _small_data(path):
     return [f"--data_path={path}", "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}"]
 
 
+def _sweep(tmp_path, name, space_text, model, data_path, extra, model_args=SMALL_MODEL, **options):
+    """One sweep on the 300-user slice of ml-100k with a local 2-CPU Ray; returns (result, out folder)."""
+    space = tmp_path / f"{name}.yaml"
+    space.write_text(space_text)
+    out = tmp_path / name
+    return run_tune(model, SMALL, str(space), str(out), [], list(model_args) + _small_data(data_path) + extra,
+                    num_cpus=2, **options), out
+
+
 def test_space_files_yaml_and_recbole_hyperopt_format(tmp_path):
     y = tmp_path / "space.yaml"
     y.write_text("learning_rate: {loguniform: [1.0e-4, 1.0e-2]}\nhidden_size: {choice: [32, 64]}\n"
@@ -48,11 +57,8 @@ def test_space_files_yaml_and_recbole_hyperopt_format(tmp_path):
 @pytest.mark.integration
 def test_two_trials_report_every_epoch_and_best_yaml_reproduces(small_data_path, tmp_path):
     """RecBole's own SASRec (a plugin-free model works too) on the 300-user slice of ml-100k."""
-    space = tmp_path / "space.yaml"
-    space.write_text("learning_rate: {grid_search: [0.001, 0.004]}\n")
-    out = tmp_path / "sweep"
-    result = run_tune("SASRec", SMALL, str(space), str(out), [], SMALL_MODEL + _small_data(small_data_path) + [
-        "--epochs=2", "--seed=7"], scheduler="fifo", metric="ndcg@10", num_cpus=2)
+    result, out = _sweep(tmp_path, "sweep", "learning_rate: {grid_search: [0.001, 0.004]}\n", "SASRec",
+                         small_data_path, ["--epochs=2", "--seed=7"], scheduler="fifo", metric="ndcg@10")
     rows = result["rows"]
     assert len(rows) == 2 and all(r["status"] == "completed" and r["epochs"] == 2 for r in rows)
     for r in rows:  # one report per epoch, from inside the training loop
@@ -68,22 +74,18 @@ def test_two_trials_report_every_epoch_and_best_yaml_reproduces(small_data_path,
 
 @pytest.mark.integration
 def test_asha_stops_a_bad_trial_and_a_failing_trial_fails_alone(small_data_path, tmp_path):
-    space = tmp_path / "space.yaml"
-    # the last grid point learns nothing (lr 1e-7): ASHA cuts it at a rung; hidden 15 is not divisible by 2 heads
-    space.write_text("learning_rate: {grid_search: [0.004, 0.004, 0.004, 1.0e-7]}\n")
-    out = tmp_path / "asha"
-    result = run_tune("FastSASRec", SMALL, str(space), str(out), [], SMALL_MODEL + _small_data(small_data_path) + [
-        "--epochs=4"],
-        scheduler="asha", metric="ndcg@10", num_cpus=2, grace_period=1, reduction_factor=2)
+    # the last grid point learns nothing (lr 1e-7): ASHA cuts it at a rung
+    result, _ = _sweep(tmp_path, "asha", "learning_rate: {grid_search: [0.004, 0.004, 0.004, 1.0e-7]}\n",
+                       "FastSASRec", small_data_path, ["--epochs=4"], scheduler="asha", metric="ndcg@10",
+                       grace_period=1, reduction_factor=2)
     bad = next(r for r in result["rows"] if r["learning_rate"] < 1e-6)
     assert result["stopped_early"] >= 1 and bad["status"] == "stopped" and bad["epochs"] < 4
     assert result["failed"] == 0
 
-    space.write_text("hidden_size: {grid_search: [16, 15]}\n")
-    out = tmp_path / "fail"
-    result = run_tune("FastSASRec", SMALL, str(space), str(out), [], [
-        o for o in SMALL_MODEL if not o.startswith("--hidden_size")] + _small_data(small_data_path) + ["--epochs=1"],
-        scheduler="fifo", num_cpus=2)
+    # hidden 15 is not divisible by 2 heads: that trial raises
+    result, _ = _sweep(tmp_path, "fail", "hidden_size: {grid_search: [16, 15]}\n", "FastSASRec", small_data_path,
+                       ["--epochs=1"], model_args=[o for o in SMALL_MODEL if not o.startswith("--hidden_size")],
+                       scheduler="fifo")
     assert result["failed"] == 1 and result["best"]["hidden_size"] == 16
     failed = next(r for r in result["rows"] if r["status"] == "failed")
     assert failed["hidden_size"] == 15 and "multiple of n_heads" in failed["error"]

@@ -127,3 +127,18 @@ class LLMFusedSequentialRecommender(SequentialBase):
         table = torch.from_numpy(dataset.item_embedding_table())
         self.register_buffer("item_text_emb", table, persistent=False)
         self.text_dim = table.shape[1]
+        self._eval_cache = {}
+
+    def train(self, mode: bool = True):
+        self._eval_cache = {}  # model.eval() / model.train() start a new evaluation or training epoch
+        return super().train(mode)
+
+    def eval_cached(self, key: str, compute):
+        """``compute()`` once per evaluation: in eval mode without autograd (RecBole's ``evaluate``) the
+        projected candidate table ``[n_items, D]`` is the same for every batch of users, and projecting a
+        4096-d table per batch would dominate full ranking. Training always recomputes."""
+        if self.training or torch.is_grad_enabled():
+            return compute()
+        if key not in self._eval_cache:
+            self._eval_cache[key] = compute()
+        return self._eval_cache[key]

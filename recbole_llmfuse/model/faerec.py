@@ -158,7 +158,7 @@ class FAERec(LLMFusedSequentialRecommender):
     def all_item_vectors(self) -> torch.Tensor:
         if self.training and self.score_fusion == "asymmetric":
             return self.fusion.id.weight
-        return self.fusion.candidates(self.item_text_emb)
+        return self.eval_cached("items", lambda: self.fusion.candidates(self.item_text_emb))
 
     # -- loss -----------------------------------------------------------------------------------------
     def alignment_items(self, interaction) -> torch.Tensor:

@@ -216,4 +216,4 @@ class SingleExpertRecommender(LLMFusedSequentialRecommender):
         return self.expert.vectors(items, self.item_text_emb)
 
     def all_item_vectors(self) -> torch.Tensor:
-        return self.expert.all_vectors(self.item_text_emb)
+        return self.eval_cached("items", lambda: self.expert.all_vectors(self.item_text_emb))

@@ -152,13 +152,17 @@ class PAD(LLMFusedSequentialRecommender):
         """``[B, n_items]``: ``sum_e G[u, b(i), e] * <u_e, x_e(i)>`` with ``G`` computed per (user, bucket)."""
         names = self._scoring()
         if len(names) == 1:
-            return users[0] @ self.experts[names[0]].all_vectors(self.item_text_emb).T
+            return users[0] @ self._candidates(names[0]).T
         per_bucket = self.gate.per_bucket(users, self.n_buckets)  # [B, n_buckets+1, E]
         scores = 0
         for j, (name, u) in enumerate(zip(names, users)):
             weight = per_bucket[:, :, j][:, self.item_bucket]  # [B, n_items]
-            scores = scores + weight * (u @ self.experts[name].all_vectors(self.item_text_emb).T)
+            scores = scores + weight * (u @ self._candidates(name).T)
         return scores
+
+    def _candidates(self, name: str) -> torch.Tensor:
+        """Expert ``name``'s vectors of every item ``[n_items, d_e]`` (once per evaluation)."""
+        return self.eval_cached(name, lambda: self.experts[name].all_vectors(self.item_text_emb))
 
     def gate_weights(self, users: List[torch.Tensor]) -> torch.Tensor:
         """Gate weights per (user, bucket) ``[B, n_buckets+1, E]`` (inspection: mean per bucket)."""
