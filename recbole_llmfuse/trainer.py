@@ -10,6 +10,7 @@ A staged model (PAD today; HDRec's alternating LoRA updates fit the same shape) 
 * ``train_stages`` — the phases to run, in order (from the config);
 * ``enter_stage(name)`` — switch scoring/loss to that phase, copy weights handed over from the previous
   phase, set ``requires_grad`` of what the phase trains;
+* config ``stage_learning_rate`` (optional): ``{phase: lr}`` for phases that train at another rate;
 * ``load_pretrained(path)`` (optional) — load a previous run's checkpoint before the first phase
   (config key ``pretrained_checkpoint``), so one phase can be run or resumed on its own.
 """
@@ -49,7 +50,8 @@ class StagedTrainer(Trainer):
     def _start_stage(self, stage: str) -> None:
         self.model.enter_stage(stage)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = self._build_optimizer(params=trainable)
+        learning_rate = (self.config["stage_learning_rate"] or {}).get(stage, self.learning_rate)
+        self.optimizer = self._build_optimizer(params=trainable, learning_rate=learning_rate)
         self.start_epoch, self.cur_step = 0, 0
         self.best_valid_score = -np.inf if self.valid_metric_bigger else np.inf
         self.best_valid_result = None
@@ -59,7 +61,7 @@ class StagedTrainer(Trainer):
         self.saved_model_file = os.path.join(self.checkpoint_dir, name)
         self.logger.info(
             set_color(f"{self.config['model']} phase '{stage}'", "pink")
-            + f": training {sum(p.numel() for p in trainable)} parameters"
+            + f": training {sum(p.numel() for p in trainable)} parameters, learning rate {learning_rate}"
         )
 
     def load_checkpoint_weights(self, path: str) -> None:

@@ -169,10 +169,12 @@ def test_single_phase_resumes_from_a_fastsasrec_checkpoint(small_cfg, with_embed
     sasrec_state = trusted_torch_load(trainer.saved_model_file)["state_dict"]
 
     config, _, model, train_data, valid_data, _ = _build(
-        dict(cfg, train_stages=["align"], pretrained_checkpoint=trainer.saved_model_file))
+        dict(cfg, train_stages=["align"], pretrained_checkpoint=trainer.saved_model_file,
+             stage_learning_rate={"align": 0.0123}))
     pad_trainer = get_trainer(config["MODEL_TYPE"], "PAD")(config, model)
     pad_trainer.fit(train_data, valid_data, saved=True, show_progress=False)
     assert list(pad_trainer.stage_results) == ["align"]
+    assert pad_trainer.optimizer.param_groups[0]["lr"] == 0.0123  # the phase's own learning rate
     assert torch.equal(model.experts["id"].tokens.embedding.weight, sasrec_state["item_embedding.weight"])
     layer = "backbone.encoder.layer.0.qkv.weight"
     assert torch.equal(model.experts["id"].state_dict()[layer], sasrec_state[layer])
