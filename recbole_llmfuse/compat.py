@@ -137,6 +137,34 @@ def _autograd_anomaly_off() -> None:
     torch.autograd.set_detect_anomaly(False)
 
 
+MMAP_THRESHOLD = 4 * 1024 * 1024
+
+
+def _fixed_mmap_threshold() -> bool:
+    """Keep glibc from growing the process without bound when tensor shapes vary from step to step.
+
+    glibc raises its mmap threshold (dynamically, up to 32 MiB) each time a large mmapped block is freed;
+    from then on tensors of that size come from the heap, and blocks of ever-different sizes (a batch's
+    distinct items, ``torch.unique``, the last short batch) fragment it: measured here, PAD's phase 3 on
+    ml-100k grew from 1.4 GB to 3.1 GB RSS in 20 steps and to 7 GB in one run. A fixed 4 MiB threshold
+    (``mallopt(M_MMAP_THRESHOLD)``, what ``MALLOC_MMAP_THRESHOLD_`` sets at process start) returns such
+    blocks to the system on free: 0.7-0.8 GB flat, step time unchanged. Linux/glibc only; set
+    ``RECBOLE_LLMFUSE_MALLOC_TUNING=0`` to leave malloc alone.
+    """
+    import ctypes
+    import ctypes.util
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux") or os.environ.get("RECBOLE_LLMFUSE_MALLOC_TUNING", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD = -3 (malloc.h)
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+
+
 def apply() -> None:
     """Apply every shim once (idempotent)."""
     global _APPLIED
@@ -150,4 +178,5 @@ def apply() -> None:
     _pkg_resources_packaging()
     _torch_checkpoint_loading()
     _autograd_anomaly_off()
+    _fixed_mmap_threshold()
     _APPLIED = True
