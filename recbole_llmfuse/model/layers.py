@@ -283,12 +283,6 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    @property
-    def deterministic(self) -> bool:
-        """True when no dropout is active: then ``MLP(table)[ids] == MLP(table[ids])``, and projecting a
-        whole embedding table once is far cheaper than projecting every token of a batch."""
-        return not self.training or all(m.p == 0 for m in self.net if isinstance(m, Dropout))
-
 
 class _Activation(nn.Module):
     def __init__(self, name: str):
