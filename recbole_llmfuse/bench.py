@@ -7,7 +7,9 @@ and tests one model with the same dataset, config files and ``--key=value`` over
 Writes to ``--out``: ``results.csv`` (one row per run: status, every test metric overall and per group,
 mean epoch time, test evaluation time, peak memory, trainable parameters), ``results.md`` (mean ± std over
 seeds and a paired t-test against the first model), ``buckets.png`` (the metric per popularity bucket,
-warm -> cold, per model), ``valid_curves.png`` (validation metric per epoch) and ``logs/``.
+warm -> cold, per model), ``valid_curves.png`` (validation metric per epoch), ``logs/`` (a log and a JSON
+record per run) and ``saved/<model>-seed<seed>/`` (each run's checkpoints). ``--jobs N`` runs N at a time
+(``--gpus 0,1`` shares them out over GPUs).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 REPORT_GROUPS = ("", "/head", "/tail", "/tail_users")
 
@@ -46,7 +48,10 @@ def _worker(spec: dict) -> List[dict]:
     name, variant = parse_variant(spec["model"])
     config = Config(
         name, spec["dataset"], config_file_list=spec["config_files"] or None,
-        config_dict={**variant, "seed": spec["seed"], "group_metrics": True, "show_progress": False},
+        config_dict={**variant, "seed": spec["seed"], "group_metrics": True, "show_progress": False,
+                     **({"gpu_id": spec["gpu_id"]} if "gpu_id" in spec else {}),
+                     # RecBole names checkpoints <model>-<second>.pth: parallel runs of one model would collide
+                     **({"checkpoint_dir": spec["checkpoint_dir"]} if "checkpoint_dir" in spec else {})},
         argv=spec["overrides"],
     )
     init_seed(config["seed"], config["reproducibility"])
@@ -215,36 +220,80 @@ def _plots(by_model: Dict[str, List[dict]], metric: str, out: str) -> None:
     plt.close(fig)
 
 
-def run_bench(models, dataset, seeds, config_files, overrides, out, metrics, resume: bool = False) -> List[dict]:
+def _run_one(n: int, total: int, spec: dict, out: str, metrics, resume: bool, env: Optional[dict]) -> List[dict]:
+    model, seed = spec["model"], spec["seed"]
+    stem = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in model)
+    log = os.path.join(out, "logs", f"{stem}-seed{seed}.log")
+    result_file = os.path.join(out, "logs", f"{stem}-seed{seed}.json")
+    spec = {**spec, "checkpoint_dir": os.path.abspath(os.path.join(out, "saved", f"{stem}-seed{seed}"))}
+    if resume and os.path.exists(result_file):
+        with open(result_file) as f:
+            records = json.load(f)
+        print(f"[{n}/{total}] {model} seed={seed}: done earlier ({result_file})", flush=True)
+        return records
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "recbole_llmfuse.bench", "--worker", json.dumps(spec), result_file],
+                              stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode == 0 and os.path.exists(result_file):
+        with open(result_file) as f:
+            records = json.load(f)
+        record = records[0]
+        note = f"ok  {metrics[0]} {record.get('test_' + metrics[0], float('nan')):.4f}  {record['epoch_s']:.1f} s/epoch"
+    else:
+        with open(log) as f:
+            tail = [line.strip() for line in f.read().splitlines() if line.strip()][-1:] or ["no output"]
+        records = [{"model": model, "seed": seed, "status": "failed", "error": f"exit {proc.returncode}: {tail[0][:300]}"}]
+        note = f"FAILED ({records[0]['error']}); log: {log}"
+    print(f"[{n}/{total}] {model} seed={seed}: {note} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return records
+
+
+def _job_env(jobs: int) -> Optional[dict]:
+    """Environment of one of ``jobs`` parallel runs: a fair share of the CPU threads."""
+    if jobs == 1:
+        return None
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
+
+
+def run_bench(models, dataset, seeds, config_files, overrides, out, metrics, resume: bool = False,
+              jobs: int = 1, gpus: Optional[List[str]] = None) -> List[dict]:
+    """Runs every (model, seed), ``jobs`` at a time; records come back in run order whatever finishes first.
+
+    With ``jobs > 1`` the runs share the machine, so their epoch times are comparable with each other only
+    roughly; measure cost ratios with ``jobs = 1``.
+    """
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-    records = []
     runs = [(m, s) for s in seeds for m in models]  # seed-major: drift on a shared machine hits every model
-    for n, (model, seed) in enumerate(runs, start=1):
-        spec = {"model": model, "dataset": dataset, "seed": seed, "config_files": config_files, "overrides": overrides}
-        stem = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in model)
-        log = os.path.join(out, "logs", f"{stem}-seed{seed}.log")
-        result_file = os.path.join(out, "logs", f"{stem}-seed{seed}.json")
-        if resume and os.path.exists(result_file):
-            with open(result_file) as f:
-                records.extend(json.load(f))
-            print(f"[{n}/{len(runs)}] {model} seed={seed}: done earlier ({result_file})", flush=True)
-            continue
-        start = time.perf_counter()
-        with open(log, "w") as f:
-            proc = subprocess.run([sys.executable, "-m", "recbole_llmfuse.bench", "--worker", json.dumps(spec), result_file],
-                                  stdout=f, stderr=subprocess.STDOUT)
-        if proc.returncode == 0 and os.path.exists(result_file):
-            with open(result_file) as f:
-                run_records = json.load(f)
-            record = run_records[0]
-            note = f"ok  {metrics[0]} {record.get('test_' + metrics[0], float('nan')):.4f}  {record['epoch_s']:.1f} s/epoch"
-        else:
-            with open(log) as f:
-                tail = [line.strip() for line in f.read().splitlines() if line.strip()][-1:] or ["no output"]
-            run_records = [{"model": model, "seed": seed, "status": "failed", "error": f"exit {proc.returncode}: {tail[0][:300]}"}]
-            note = f"FAILED ({run_records[0]['error']}); log: {log}"
-        records.extend(run_records)
-        print(f"[{n}/{len(runs)}] {model} seed={seed}: {note} ({time.perf_counter() - start:.0f} s)", flush=True)
+    specs = [{"model": m, "dataset": dataset, "seed": s, "config_files": config_files, "overrides": overrides}
+             for m, s in runs]
+    if jobs <= 1:
+        if gpus:
+            specs = [{**spec, "gpu_id": gpus[0]} for spec in specs]
+        results = [_run_one(n, len(runs), spec, out, metrics, resume, None) for n, spec in enumerate(specs, start=1)]
+    else:
+        import queue
+        from concurrent.futures import ThreadPoolExecutor
+
+        slots: "queue.Queue[int]" = queue.Queue()
+        for slot in range(jobs):
+            slots.put(slot)
+
+        def in_slot(n: int, spec: dict) -> List[dict]:
+            slot = slots.get()
+            try:
+                if gpus:  # RecBole sets CUDA_VISIBLE_DEVICES from gpu_id itself
+                    spec = {**spec, "gpu_id": gpus[slot % len(gpus)]}
+                return _run_one(n, len(runs), spec, out, metrics, resume, _job_env(jobs))
+            finally:
+                slots.put(slot)
+
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            results = list(pool.map(in_slot, range(1, len(runs) + 1), specs))
+    records = [r for run_records in results for r in run_records]
     keys = []
     for r in records:
         keys += [k for k in r if k not in keys and k != "valid_curve"]
@@ -266,13 +315,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report_metrics", default="ndcg@10,recall@10", help="metrics in results.md (first one is plotted)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse runs whose result file already exists in --out (an interrupted bench goes on)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time (default 1). Above 1, runs share CPUs/GPUs: use 1 for the epoch-time figures")
+    parser.add_argument("--gpus", default=None,
+                        help="comma-separated GPU ids shared out to the jobs round-robin (RecBole's gpu_id), e.g. 0,1")
     parser.add_argument("--baseline", default=None,
                         help="row the paired t-tests compare against (default: the first model), e.g. PAD/pretrain")
     parser.epilog = "Any other --key=value is a RecBole override applied to every model."
 
 
 def main_from_args(args: argparse.Namespace, overrides: List[str]) -> int:
-    from recbole_llmfuse.config import parse_overrides
+    from recbole_llmfuse.config import ConfigError, parse_overrides
 
     parse_overrides(overrides)
     sep = ";" if ";" in args.models or "[" in args.models else ","
@@ -282,7 +335,11 @@ def main_from_args(args: argparse.Namespace, overrides: List[str]) -> int:
     config_files = [os.path.abspath(p) for p in args.config_files.split()] if args.config_files else []
     for model in models:
         parse_variant(model)  # fail fast on a malformed NAME[key=value]
-    records = run_bench(models, args.dataset, seeds, config_files, overrides, args.out, metrics, args.resume)
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs}: give 1 or more")
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+    records = run_bench(models, args.dataset, seeds, config_files, overrides, args.out, metrics, args.resume,
+                        args.jobs, gpus)
     print(summarize(records, models, metrics, args.out, args.baseline))
     return 0 if any(r["status"] == "ok" for r in records) else 1
 

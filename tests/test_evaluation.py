@@ -90,13 +90,16 @@ def test_bench_two_models_one_seed(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run(
         [os.path.join(os.path.dirname(sys.executable), "recbole-llmfuse"), "bench", "--dataset=ml-100k",
-         "--models=SASRec,GRU4Rec", "--seeds=0", f"--out={out}", "--epochs=1", "--MAX_ITEM_LIST_LENGTH=10"],
+         "--models=SASRec,GRU4Rec", "--seeds=0", f"--out={out}", "--epochs=1", "--MAX_ITEM_LIST_LENGTH=10",
+         "--jobs=2"],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "[1/2] SASRec seed=0: ok" in proc.stdout and "[2/2] GRU4Rec seed=0: ok" in proc.stdout
-    rows = list(csv.DictReader(open(out / "results.csv")))
+    rows = list(csv.DictReader(open(out / "results.csv")))  # run order, whichever of the 2 jobs ended first
     assert [r["model"] for r in rows] == ["SASRec", "GRU4Rec"] and all(r["status"] == "ok" for r in rows)
+    for model in ("SASRec", "GRU4Rec"):  # one checkpoint folder per run: parallel runs never share a file name
+        assert [p.name.split("-")[0] for p in (out / "saved" / f"{model}-seed0").iterdir()] == [model]
     for r in rows:
         assert float(r["test_ndcg@10"]) > 0 and float(r["test_ndcg@10/b01"]) >= 0
         assert float(r["epoch_s"]) > 0 and float(r["peak_mem_mb"]) > 100 and int(r["trainable_params"]) > 0
@@ -113,14 +116,16 @@ def test_bench_records_a_failed_run_and_goes_on(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run(
         [os.path.join(os.path.dirname(sys.executable), "recbole-llmfuse"), "bench", f"--dataset={SMALL}",
-         "--models=FastSASRec,NoSuchModel", "--seeds=0", f"--out={out}", "--epochs=1", "--MAX_ITEM_LIST_LENGTH=5",
+         "--models=FastSASRec,NoSuchModel", "--seeds=0,1", f"--out={out}", "--epochs=1", "--MAX_ITEM_LIST_LENGTH=5",
+         "--jobs=3",
          f"--data_path={os.path.dirname(os.path.dirname(__file__))}/nonexistent"],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 1  # nothing succeeded (the data path is wrong for both): recorded, not crashed
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert [r["status"] for r in rows] == ["failed", "failed"]
-    assert "unknown model 'NoSuchModel'" in rows[1]["error"] or "NoSuchModel" in (out / "results.md").read_text()
+    assert [r["status"] for r in rows] == ["failed"] * 4
+    assert [(r["model"], r["seed"]) for r in rows] == [("FastSASRec", "0"), ("NoSuchModel", "0"), ("FastSASRec", "1"), ("NoSuchModel", "1")]
+    assert "NoSuchModel" in rows[1]["error"] and "NoSuchModel" in rows[3]["error"]
 
 
 def test_bench_model_variants_parse_and_fail_clearly():
