@@ -54,6 +54,22 @@ def test_space_files_yaml_and_recbole_hyperopt_format(tmp_path):
         parse_space(str(bad))
 
 
+def test_shipped_example_spaces_parse_and_convert():
+    """Every space under examples/tune/ parses and converts to Ray Tune domains."""
+    import glob
+    import os
+
+    from recbole_llmfuse.tune import to_tune
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "tune")
+    files = sorted(glob.glob(os.path.join(root, "*.yaml")))
+    assert {os.path.basename(f) for f in files} >= {"SASRec.yaml", "PAD.yaml", "FAERec.yaml"}
+    for path in files:
+        space = parse_space(path)
+        assert space and set(to_tune(space)) == set(space), path
+    assert 0.0 in parse_space(os.path.join(root, "FAERec.yaml"))["align_alpha"]["choice"]
+
+
 @pytest.mark.integration
 def test_two_trials_report_every_epoch_and_best_yaml_reproduces(small_data_path, tmp_path):
     """RecBole's own SASRec (a plugin-free model works too) on the 300-user slice of ml-100k."""
