@@ -49,9 +49,7 @@ def _worker(spec: dict) -> List[dict]:
     config = Config(
         name, spec["dataset"], config_file_list=spec["config_files"] or None,
         config_dict={**variant, "seed": spec["seed"], "group_metrics": True, "show_progress": False,
-                     **({"gpu_id": spec["gpu_id"]} if "gpu_id" in spec else {}),
-                     # RecBole names checkpoints <model>-<second>.pth: parallel runs of one model would collide
-                     **({"checkpoint_dir": spec["checkpoint_dir"]} if "checkpoint_dir" in spec else {})},
+                     **spec.get("settings", {})},  # the bench's own: checkpoint_dir, gpu_id
         argv=spec["overrides"],
     )
     init_seed(config["seed"], config["reproducibility"])
@@ -225,7 +223,9 @@ def _run_one(n: int, total: int, spec: dict, out: str, metrics, resume: bool, en
     stem = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in model)
     log = os.path.join(out, "logs", f"{stem}-seed{seed}.log")
     result_file = os.path.join(out, "logs", f"{stem}-seed{seed}.json")
-    spec = {**spec, "checkpoint_dir": os.path.abspath(os.path.join(out, "saved", f"{stem}-seed{seed}"))}
+    # RecBole names checkpoints <model>-<second>.pth: parallel runs of one model would collide
+    spec = {**spec, "settings": {**spec["settings"],
+                                 "checkpoint_dir": os.path.abspath(os.path.join(out, "saved", f"{stem}-seed{seed}"))}}
     if resume and os.path.exists(result_file):
         with open(result_file) as f:
             records = json.load(f)
@@ -268,31 +268,26 @@ def run_bench(models, dataset, seeds, config_files, overrides, out, metrics, res
     """
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     runs = [(m, s) for s in seeds for m in models]  # seed-major: drift on a shared machine hits every model
-    specs = [{"model": m, "dataset": dataset, "seed": s, "config_files": config_files, "overrides": overrides}
-             for m, s in runs]
-    if jobs <= 1:
-        if gpus:
-            specs = [{**spec, "gpu_id": gpus[0]} for spec in specs]
-        results = [_run_one(n, len(runs), spec, out, metrics, resume, None) for n, spec in enumerate(specs, start=1)]
-    else:
-        import queue
-        from concurrent.futures import ThreadPoolExecutor
+    specs = [{"model": m, "dataset": dataset, "seed": s, "config_files": config_files, "overrides": overrides,
+              "settings": {}} for m, s in runs]
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
 
-        slots: "queue.Queue[int]" = queue.Queue()
-        for slot in range(jobs):
+    slots: "queue.Queue[int]" = queue.Queue()  # job slot -> its GPU; jobs = 1 runs in order, one at a time
+    for slot in range(jobs):
+        slots.put(slot)
+
+    def in_slot(n: int, spec: dict) -> List[dict]:
+        slot = slots.get()
+        try:
+            if gpus:  # RecBole sets CUDA_VISIBLE_DEVICES from gpu_id itself
+                spec = {**spec, "settings": {**spec["settings"], "gpu_id": gpus[slot % len(gpus)]}}
+            return _run_one(n, len(runs), spec, out, metrics, resume, _job_env(jobs))
+        finally:
             slots.put(slot)
 
-        def in_slot(n: int, spec: dict) -> List[dict]:
-            slot = slots.get()
-            try:
-                if gpus:  # RecBole sets CUDA_VISIBLE_DEVICES from gpu_id itself
-                    spec = {**spec, "gpu_id": gpus[slot % len(gpus)]}
-                return _run_one(n, len(runs), spec, out, metrics, resume, _job_env(jobs))
-            finally:
-                slots.put(slot)
-
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            results = list(pool.map(in_slot, range(1, len(runs) + 1), specs))
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(in_slot, range(1, len(runs) + 1), specs))
     records = [r for run_records in results for r in run_records]
     keys = []
     for r in records:

@@ -19,7 +19,6 @@ import torch
 
 import recbole_llmfuse
 from recbole_llmfuse.evaluation import item_groups, training_counts
-from recbole_llmfuse.model.base import SequentialBase
 from recbole_llmfuse.quick_start import build
 
 
@@ -37,6 +36,8 @@ def main(argv=None):
                                     config_dict={"show_progress": False}, argv=overrides)
     init_seed(config["seed"], config["reproducibility"])
     _, model, train_data, _, _ = build(config)
+    if model.alpha == 0 or not (model.use_ila and model.use_fla):
+        parser.error("this diagnostic needs both alignment terms on: align_alpha > 0, use_ila and use_fla true")
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
     table = model.fusion.id.weight
@@ -49,28 +50,26 @@ def main(argv=None):
     while step < args.steps:
         for batch in train_data:
             batch = batch.to(config["device"])
-            rec = SequentialBase.calculate_loss(model, batch)
-            ila, fla = model.alignment_losses(batch)
-            w = model.ila_weight()
-            terms = {"rec": rec, "ila": model.alpha * w * ila, "fla": model.alpha * (1 - w) * fla}
+            model.steps += 1  # as FAERec.calculate_loss does before weighting
+            raw, weights = model.loss_terms(batch), model.loss_weights()
+            terms = {name: weights[name] * term for name, term in raw.items()}
             if step % args.every == 0:
-                row = {"step": step, "w_I": w, "rec": rec.item(), "ILA": ila.item(), "FLA": fla.item()}
+                row = {"step": step, "w_I": weights["ila"] / model.alpha, "rec": raw["rec"].item(),
+                       "ILA": raw["ila"].item(), "FLA": raw["fla"].item()}
                 for name, term in terms.items():
                     grad = torch.autograd.grad(term, table, retain_graph=True, allow_unused=True)[0]
                     grad = torch.zeros_like(table) if grad is None else grad
                     row[f"grad_{name}"] = grad.norm().item()
                     for group, rows_of in groups.items():  # mean per-row gradient norm in the group
                         row[f"grad_{name}_{group}"] = grad[rows_of].norm(dim=1).mean().item()
-                    adapter_grads = torch.autograd.grad(term, adapter, retain_graph=True, allow_unused=True)
-                    row[f"grad_{name}_adapter"] = sum(g.norm() ** 2 for g in adapter_grads if g is not None) ** 0.5 \
-                        if any(g is not None for g in adapter_grads) else 0.0
-                    row[f"grad_{name}_adapter"] = float(row[f"grad_{name}_adapter"])
+                    adapter_grads = [g for g in torch.autograd.grad(term, adapter, retain_graph=True, allow_unused=True)
+                                     if g is not None]
+                    row[f"grad_{name}_adapter"] = float(sum(g.norm() ** 2 for g in adapter_grads) ** 0.5)
                 rows.append(row)
                 print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
             optimizer.zero_grad()
             sum(terms.values()).backward()
             optimizer.step()
-            model.steps += 1
             step += 1
             if step >= args.steps:
                 break

@@ -19,6 +19,7 @@ Backbones (``backbone``): SASRec, FMLPRec (positions added to both branches befo
 from __future__ import annotations
 
 import math
+from typing import Dict
 
 import torch
 from torch import nn
@@ -182,12 +183,23 @@ class FAERec(LLMFusedSequentialRecommender):
                if self.use_fla else id_vec.new_zeros(()))
         return ila, fla
 
+    def loss_terms(self, interaction) -> Dict[str, torch.Tensor]:
+        """Unweighted terms of the training loss: ``rec``, plus ``ila`` and ``fla`` when alignment is on."""
+        terms = {"rec": super().calculate_loss(interaction)}
+        if self.alpha != 0 and (self.use_ila or self.use_fla):
+            terms["ila"], terms["fla"] = self.alignment_losses(interaction)
+        return terms
+
+    def loss_weights(self) -> Dict[str, float]:
+        """Eq. 14's weights at the current step: rec + α·(w_I·ILA + (1 − w_I)·FLA)."""
+        w = self.ila_weight()
+        return {"rec": 1.0, "ila": self.alpha * w, "fla": self.alpha * (1 - w)}
+
     def calculate_loss(self, interaction) -> torch.Tensor:
-        rec = super().calculate_loss(interaction)
         if self.training:
             self.steps += 1
-        if self.alpha == 0 or not (self.use_ila or self.use_fla):
-            return rec
-        ila, fla = self.alignment_losses(interaction)
-        w = self.ila_weight()
-        return rec + self.alpha * (w * ila + (1 - w) * fla)
+        terms, weights = self.loss_terms(interaction), self.loss_weights()
+        loss = terms.pop("rec")
+        for name, term in terms.items():
+            loss = loss + weights[name] * term
+        return loss
