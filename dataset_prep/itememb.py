@@ -23,6 +23,10 @@ import numpy as np
 ID_FIELD = "iid"
 VALUE_FIELD = "item_emb"
 TEXT_HEADER = f"{ID_FIELD}:token\t{VALUE_FIELD}:float_seq"
+#: text headers of dense tables by kind (a user table: ``uid:token<TAB>user_emb:float_seq``)
+TEXT_HEADERS = {"item": TEXT_HEADER, "user": "uid:token\tuser_emb:float_seq"}
+#: the id array of a ``.npz`` table, by kind
+NPZ_ID_KEYS = {"item": "item_id", "user": "user_id"}
 DEFAULT_SUFFIX = "itememb"
 
 
@@ -90,6 +94,24 @@ def write_item_embeddings(
     return written
 
 
+def write_table(path: str, tokens: Sequence[str], values, kind: str = "item") -> str:
+    """Write a ``.npz`` table (dense ``[n, dim]`` matrix or :class:`Ragged`) keyed by original id tokens,
+    temp file then rename. Any hook's table output goes through here; :func:`read_table` reads it back."""
+    tokens = [str(t) for t in tokens]
+    id_key = NPZ_ID_KEYS[kind]
+    if isinstance(values, Ragged):
+        if len(values) != len(tokens):
+            raise ItemEmbeddingError(f"{path}: {len(values)} rows for {len(tokens)} ids")
+        check_ids(tokens, path)
+        arrays = {id_key: np.asarray(tokens, dtype=str), "values": values.values, "offsets": values.offsets}
+    else:
+        matrix = np.asarray(values)
+        check_matrix(tokens, matrix, source=path)
+        arrays = {id_key: np.asarray(tokens, dtype=str), "embedding": matrix.astype(np.float32)}
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    return path
+
+
 def check_matrix(tokens: Sequence[str], matrix: np.ndarray, source: str, expected_dim: Optional[int] = None) -> None:
     """Shape, dimension, duplicate-id and finiteness checks shared by both formats."""
     if matrix.ndim != 2 or matrix.shape[0] != len(tokens):
@@ -102,14 +124,7 @@ def check_matrix(tokens: Sequence[str], matrix: np.ndarray, source: str, expecte
             f"{source}: vectors have {matrix.shape[1]} dims but item_emb_dim is {expected_dim}. "
             f"Set item_emb_dim: {matrix.shape[1]} or re-run the embedding step with the intended model."
         )
-    seen: Dict[str, int] = {}
-    for row, token in enumerate(tokens):
-        if token in seen:
-            raise ItemEmbeddingError(
-                f"{source}: item id '{token}' appears twice (rows {seen[token]} and {row}). Each item "
-                f"needs exactly one vector; re-run the embedding step or remove the duplicate."
-            )
-        seen[token] = row
+    check_ids(tokens, source)
     finite = np.isfinite(matrix).all(axis=1)
     if not finite.all():
         bad = int(np.flatnonzero(~finite)[0])
@@ -119,44 +134,144 @@ def check_matrix(tokens: Sequence[str], matrix: np.ndarray, source: str, expecte
         )
 
 
-def read_npz(path: str, expected_dim: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """``(tokens, matrix)`` from a ``.itememb.npz`` file, validated."""
+class Ragged:
+    """Variable-length integer rows (e.g. an item's text token ids): ``values[offsets[i]:offsets[i+1]]`` is row ``i``."""
+
+    def __init__(self, values: np.ndarray, offsets: np.ndarray):
+        self.values, self.offsets = np.asarray(values, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def row(self, i: int) -> np.ndarray:
+        return self.values[self.offsets[i]:self.offsets[i + 1]]
+
+
+def check_ids(tokens: Sequence[str], source: str) -> None:
+    seen: Dict[str, int] = {}
+    for row, token in enumerate(tokens):
+        if token in seen:
+            raise ItemEmbeddingError(
+                f"{source}: item id '{token}' appears twice (rows {seen[token]} and {row}). Each item "
+                f"needs exactly one vector; re-run the embedding step or remove the duplicate."
+            )
+        seen[token] = row
+
+
+def read_npz(path: str, expected_dim: Optional[int] = None, kind: str = "item"):
+    """``(tokens, matrix)`` (dense: ``embedding``) or ``(tokens, Ragged)`` (``values`` + ``offsets``) from a
+    ``.npz`` table, validated."""
+    id_key = NPZ_ID_KEYS[kind]
     try:
         with np.load(path, allow_pickle=False) as data:
-            tokens, matrix = data["item_id"].astype(str), data["embedding"]
+            if id_key not in data.files:
+                raise KeyError(id_key)
+            tokens = data[id_key].astype(str)
+            if "values" in data.files and "offsets" in data.files:
+                ragged = Ragged(data["values"], data["offsets"])
+                if len(ragged) != len(tokens) or ragged.offsets[0] != 0 or (np.diff(ragged.offsets) < 0).any() \
+                        or ragged.offsets[-1] != len(ragged.values):
+                    raise ItemEmbeddingError(f"{path}: 'offsets' must rise from 0 to len(values) with one row per id. "
+                                             f"Re-run the step that wrote it.")
+                check_ids(list(tokens), path)
+                return tokens, ragged
+            matrix = data["embedding"]
     except KeyError as err:
         raise ItemEmbeddingError(
-            f"{path}: missing array {err}; the file must hold 'item_id' and 'embedding'. Re-run the embedding step."
+            f"{path}: missing array {err}; the file must hold '{id_key}' and 'embedding' (or 'values' and "
+            f"'offsets'). Re-run the embedding step."
         ) from None
     except (OSError, ValueError) as err:
+        if isinstance(err, ItemEmbeddingError):
+            raise
         raise ItemEmbeddingError(f"{path}: not a readable .npz file ({err}). Delete it and re-run the embedding step.") from None
     check_matrix(list(tokens), matrix, source=path, expected_dim=expected_dim)
     return tokens, matrix
 
 
+def read_text(path: str, expected_dim: Optional[int] = None, kind: str = "item") -> Tuple[np.ndarray, np.ndarray]:
+    """``(tokens, matrix)`` from a text table (``TEXT_HEADERS[kind]``, one id and its space-separated vector a line)."""
+    header_want = TEXT_HEADERS[kind]
+    tokens, rows = [], []
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\n")
+        if header.split("\t") != header_want.split("\t"):
+            raise ItemEmbeddingError(
+                f"{path}: line 1 must be the header '{header_want.replace(chr(9), '<TAB>')}', found "
+                f"{header[:80]!r}. The id column must be '{header_want.split(':')[0]}' (not {kind}_id)."
+            )
+        for lineno, line in enumerate(f, start=2):
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            token, sep, values = line.partition("\t")
+            if not sep:
+                raise ItemEmbeddingError(f"{path}, line {lineno}: expected '<id><TAB><values>', found {line[:60]!r}.")
+            try:
+                vec = np.array(values.split(), dtype=np.float32)
+            except ValueError:
+                bad = next(v for v in values.split() if not _is_float(v))
+                raise ItemEmbeddingError(
+                    f"{path}, line {lineno}: value {bad!r} in the vector of {kind} '{token}' is not a number; "
+                    f"re-run the embedding step."
+                ) from None
+            if rows and len(vec) != len(rows[0]):
+                raise ItemEmbeddingError(
+                    f"{path}, line {lineno}: vector of {kind} '{token}' has {len(vec)} values, line 2 has "
+                    f"{len(rows[0])}. Every vector needs the same dim; re-run the embedding step."
+                )
+            tokens.append(token)
+            rows.append(vec)
+    matrix = np.stack(rows) if rows else np.zeros((0, expected_dim or 0), dtype=np.float32)
+    check_matrix(tokens, matrix, source=path, expected_dim=expected_dim)
+    return np.asarray(tokens, dtype=str), matrix
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def read_table(path: str, expected_dim: Optional[int] = None, kind: str = "item"):
+    """Any table file: ``.npz`` (dense or ragged) or the text format. The one reader every model uses."""
+    return read_npz(path, expected_dim, kind) if path.endswith(".npz") else read_text(path, expected_dim, kind)
+
+
 def align(
     tokens: Sequence[str],
-    matrix: np.ndarray,
+    values,
     token2id: Dict[str, int],
-    n_items: int,
+    n_rows: int,
     source: str,
     missing: str = "error",
-) -> np.ndarray:
-    """Rows re-ordered to RecBole's internal item ids: ``out[token2id[t]] = matrix[row of t]``.
+):
+    """Rows re-ordered to RecBole's internal ids: ``out[token2id[t]] = values[row of t]``.
 
-    Ids in the file that the dataset does not have are skipped. Dataset items without a vector raise
-    :class:`ItemEmbeddingError` (``missing='error'``) or get a zero row (``missing='zero'``).
-    Returns float32 ``[n_items, dim]`` with row 0 (padding) zero.
+    Ids in the file that the dataset does not have are skipped. Dataset ids without a row raise
+    :class:`ItemEmbeddingError` (``missing='error'``) or get a zero / empty row (``missing='zero'``).
+    Dense: float32 ``[n_rows, dim]`` with row 0 (padding) zero. Ragged: ``(ids [n_rows, max_len]`` int64
+    padded with -1, ``lengths [n_rows])``.
     """
-    out = np.zeros((n_items, matrix.shape[1]), dtype=np.float32)
-    have = np.zeros(n_items, dtype=bool)
-    have[0] = True
+    source_row = np.full(n_rows, -1, dtype=np.int64)
     for row, token in enumerate(tokens):
         idx = token2id.get(token)
         if idx is not None and idx > 0:
-            out[idx] = matrix[row]
-            have[idx] = True
+            source_row[idx] = row
+    have = source_row >= 0
+    have[0] = True
     check_coverage(have, lambda i: {v: k for k, v in token2id.items()}[i], source, missing)
+    if isinstance(values, Ragged):
+        lengths = np.zeros(n_rows, dtype=np.int64)
+        lengths[source_row >= 0] = np.diff(values.offsets)[source_row[source_row >= 0]]
+        out = np.full((n_rows, max(1, int(lengths.max()))), -1, dtype=np.int64)
+        for i in np.flatnonzero(source_row >= 0):
+            out[i, :lengths[i]] = values.row(source_row[i])
+        return out, lengths
+    out = np.zeros((n_rows, values.shape[1]), dtype=np.float32)
+    out[source_row >= 0] = values[source_row[source_row >= 0]]
     return out
 
 

@@ -126,8 +126,7 @@ def _spec(text: str) -> Tuple[str, str]:
 def kendall_report(ref: str, comparisons: Sequence[str], out: str, max_pairs: int = 200_000, seed: int = 0,
                    n_buckets: int = 10) -> List[dict]:
     """Kendall tau per bucket of each ``CKPT:TABLE`` in ``comparisons`` against ``ref``; CSV + PNG in ``out``."""
-    from recbole_llmfuse.evaluation import training_counts
-    from recbole_llmfuse.model.fusion import frequency_buckets
+    from recbole_llmfuse.data import frequency_buckets, training_counts
 
     cache: dict = {}
     ref_path, ref_table = _spec(ref)

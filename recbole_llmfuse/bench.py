@@ -39,11 +39,8 @@ def _worker(spec: dict) -> List[dict]:
     import torch
 
     import recbole_llmfuse  # noqa: F401
-    from recbole.utils import init_logger, init_seed
-
     from recbole_llmfuse.config import Config
-    from recbole_llmfuse.quick_start import build, make_trainer
-    from recbole_llmfuse.timing import EpochTimer
+    from recbole_llmfuse.quick_start import execute
 
     name, variant = parse_variant(spec["model"])
     config = Config(
@@ -52,33 +49,20 @@ def _worker(spec: dict) -> List[dict]:
                      **spec.get("settings", {})},  # the bench's own: checkpoint_dir, gpu_id
         argv=spec["overrides"],
     )
-    init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
-    _, model, train_data, valid_data, test_data = build(config)
-    trainer = make_trainer(config, model)
-    curve: List[float] = []
-    valid_epoch = trainer._valid_epoch
-
-    def recording_valid_epoch(*args, **kwargs):
-        score, result = valid_epoch(*args, **kwargs)
-        curve.append(float(score))
-        return score, result
-
-    trainer._valid_epoch = recording_valid_epoch
-    with EpochTimer() as timer:
-        best_valid_score, _ = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
-        test_result = trainer.evaluate(test_data, load_best_model=True)
+    curve = ValidCurve()
+    run = execute(config, callbacks=[curve])
+    trainer, model, test_result, test_data = run.trainer, run.model, run.test_result, run.test_data
     stages = getattr(trainer, "stage_results", {})
     last = list(stages)[-1] if stages else None
     record = {
         "model": spec["model"], "seed": spec["seed"], "status": "ok",
-        "best_valid_score": float(best_valid_score),
-        "epoch_s": stages[last]["epoch_s"] if stages else (statistics.mean(timer.train) if timer.train else float("nan")),
-        "eval_s": timer.eval[-1],
+        "best_valid_score": float(run.best_valid_score),
+        "epoch_s": stages[last]["epoch_s"] if stages else (statistics.mean(trainer.epoch_times) if trainer.epoch_times else float("nan")),
+        "eval_s": trainer.eval_times[-1],
         "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "epochs_run": len(timer.train),
-        "valid_curve": curve,
+        "epochs_run": len(trainer.epoch_times),
+        "valid_curve": curve.scores,
         **{f"test_{k}": float(v) for k, v in test_result.items()},
         **{f"epoch_s_{name}": info["epoch_s"] for name, info in stages.items()},
         "device": str(config["device"]), "torch_threads": torch.get_num_threads(),
@@ -93,6 +77,16 @@ def _worker(spec: dict) -> List[dict]:
             **{f"test_{k}": float(v) for k, v in stage_result.items()},
         })
     return records
+
+
+class ValidCurve:
+    """Callback: the validation score of every validation, in order."""
+
+    def __init__(self):
+        self.scores: List[float] = []
+
+    def on_valid(self, trainer, epoch, score, result) -> None:
+        self.scores.append(float(score))
 
 
 def parse_variant(label: str):
@@ -249,6 +243,24 @@ def _run_one(n: int, total: int, spec: dict, out: str, metrics, resume: bool, en
     return records
 
 
+def prepare_once(models, dataset, config_files, overrides) -> None:
+    """Run every model's preparation hooks here, once, before any worker starts (they then find the files
+    fresh; the hooks' lock would also serialise them, but one process doing it is simpler to follow)."""
+    import recbole_llmfuse  # noqa: F401
+    from recbole_llmfuse.config import Config
+    from recbole_llmfuse.data import prepare
+
+    for model in models:
+        name, variant = parse_variant(model)
+        try:
+            ran = prepare(Config(name, dataset, config_file_list=config_files or None, config_dict=variant, argv=overrides))
+        except Exception as err:  # noqa: BLE001 - the model's runs fail the same way and record it
+            print(f"preparing {model} failed ({str(err).splitlines()[0][:200]}); its runs will record the error", flush=True)
+            continue
+        if ran:
+            print(f"prepared for {model}: {', '.join(ran)}", flush=True)
+
+
 def _job_env(jobs: int) -> Optional[dict]:
     """Environment of one of ``jobs`` parallel runs: a fair share of the CPU threads."""
     if jobs == 1:
@@ -267,6 +279,7 @@ def run_bench(models, dataset, seeds, config_files, overrides, out, metrics, res
     roughly; measure cost ratios with ``jobs = 1``.
     """
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    prepare_once(models, dataset, config_files, overrides)
     runs = [(m, s) for s in seeds for m in models]  # seed-major: drift on a shared machine hits every model
     specs = [{"model": m, "dataset": dataset, "seed": s, "config_files": config_files, "overrides": overrides,
               "settings": {}} for m, s in runs]

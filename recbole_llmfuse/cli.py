@@ -129,7 +129,10 @@ def _add_prep_arguments(prep: argparse.ArgumentParser) -> None:
         p.add_argument("--data_path", default="dataset/", help="folder that holds <dataset>/ (default: dataset/)")
         p.add_argument("--config_files", default=None, help="YAML files; their '<hook>:' dict gives parameters")
         p.add_argument("--shard", default=None, help="i/N: compute only every N-th shard (merge when all exist)")
-        p.add_argument("--force", action="store_true", help="run even if the outputs are fresh")
+        p.add_argument("--force", action="store_true",
+                       help="run even if the outputs are fresh or were made with other settings; starts clean")
+        p.add_argument("--model", "-m", default="SASRec",
+                       help="model whose config (and data split) hooks that read interactions use (default: SASRec)")
         p.epilog = "Hook parameters as key=value, e.g. backend=hf model=/models/llama pooling=last batch_size=8."
     p = sub.add_parser("amazon", help="Amazon Reviews 2018/2023 JSON -> RecBole atomic files")
     p.add_argument("--name", required=True,
@@ -156,25 +159,54 @@ def _prep(args: argparse.Namespace, rest: List[str]) -> int:
 
     if args.prep_command == "amazon":
         return _prep_amazon(args, rest)
-    from recbole_llmfuse.data import dataset_folder
-    from recbole_llmfuse.dataset_prep.hooks import get_hook
+    from recbole_llmfuse.config import Config
+    from recbole_llmfuse.dataset_prep.hooks import HookConflictError, get_hook, resolve
 
     name = "item_text_embedding" if args.prep_command == "embed" else args.hook
+    get_hook(name)  # an unknown name fails before any config is read
+    config_files = args.config_files.split() if args.config_files else []
     params = {}
-    for path in (args.config_files.split() if args.config_files else []):
+    for path in config_files:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path} does not exist")
         with open(path) as f:
             params.update((yaml.safe_load(f) or {}).get(name) or {})
     for item in rest:
         key, sep, value = item.lstrip("-").partition("=")
         if not sep or not key:
             raise ConfigError(f"malformed hook parameter '{item}': write key=value (e.g. backend=hf)")
-        params[key] = yaml.safe_load(value)
-    hook = get_hook(name)(dataset_folder(args.dataset, args.data_path), args.dataset, params)
-    if hook.status() == "fresh" and not args.force:
-        print(f"{name}: outputs are fresh ({', '.join(hook.outputs())}); nothing to do (--force to rerun)")
+        params[key] = _hook_value(value)
+    # the run's config: hooks that read interactions see the training split of exactly this config
+    config = Config(args.model, args.dataset, config_file_list=config_files or None,
+                    config_dict={"data_path": os.path.abspath(args.data_path), name: params}, argv=[])
+    from recbole_llmfuse.data import prepare_folder
+
+    prepare_folder(config)
+    *upstream, hook = resolve(config, [name])
+    for dep in upstream:  # what this hook reads: made when missing, never replaced here
+        if dep.status() not in ("fresh", "user"):
+            print(f"{dep.name} (required by {name}): {dep.produce()}")
+    state = hook.status()
+    if state == "conflict" and not args.force:
+        raise HookConflictError(hook.conflict_message())
+    if state in ("fresh", "user") and not args.force:
+        what = "fresh" if state == "fresh" else "the user's own (no manifest)"
+        print(f"{name}: outputs are {what} ({', '.join(hook.outputs())}); nothing to do (--force to rerun)")
         return 0
-    print(f"{name}: {hook.run(shard=args.shard)}")
+    print(f"{name}: {hook.produce(force=args.force, shard=args.shard)}")
     return 0
+
+
+def _hook_value(text: str):
+    """A ``key=value`` hook parameter as users write it: YAML for numbers, booleans, lists and null,
+    otherwise the text itself (``item_text_template=Movie {movie_title}`` is a string, not YAML)."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (int, float, bool, list)) or value is None else text
 
 
 def _prep_amazon(args: argparse.Namespace, rest: List[str]) -> int:

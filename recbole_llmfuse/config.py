@@ -14,6 +14,7 @@ Differences from ``recbole.config.Config`` (everything else is RecBole's own cod
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from typing import List, Optional
@@ -22,6 +23,10 @@ from recbole.config import Config as RecBoleConfig
 from recbole.utils import InputType, ModelType
 
 from recbole_llmfuse import registry
+
+#: recbole_llmfuse's own defaults (trainer, group metrics, feature tables, hooks), layered for every model.
+PLUGIN_OVERALL_YAML = os.path.join(os.path.dirname(importlib.import_module("recbole_llmfuse.properties").__file__),
+                                   "overall.yaml")
 
 _OVERRIDE = re.compile(r"^--([A-Za-z_][\w.\-]*)=(.*)$", re.S)
 
@@ -107,10 +112,13 @@ class Config(RecBoleConfig):
 
     def _update_internal_config_dict(self, file):
         config_dict = super()._update_internal_config_dict(file)
-        # RecBole loads overall.yaml, then properties/model/<model>.yaml: put ours in that slot.
-        if self._plugin_model_yaml and os.path.basename(file) == "overall.yaml":
-            plugin_yaml, self._plugin_model_yaml = self._plugin_model_yaml, None
-            super()._update_internal_config_dict(plugin_yaml)
+        # RecBole loads overall.yaml, then properties/model/<model>.yaml: ours go in that slot, the
+        # plugin-wide defaults first (for every model), then a plugin model's own YAML.
+        if os.path.basename(file) == "overall.yaml" and file != PLUGIN_OVERALL_YAML:
+            super()._update_internal_config_dict(PLUGIN_OVERALL_YAML)
+            if self._plugin_model_yaml:
+                plugin_yaml, self._plugin_model_yaml = self._plugin_model_yaml, None
+                super()._update_internal_config_dict(plugin_yaml)
         return config_dict
 
     def _get_final_config_dict(self):

@@ -4,7 +4,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from logging import getLogger
+from typing import Sequence, Tuple
 
 import numpy as np
 import recbole
@@ -71,12 +73,53 @@ def _check_atomic_files(config) -> None:
     )
 
 
+def prepare_folder(config) -> None:
+    """The dataset's folder ready to read: an embedded dataset copied there, the atomic files checked."""
+    if config["dataset"] in EMBEDDED_DATASETS:
+        materialize_embedded(config["dataset"], config["data_path"])  # data_path is already <root>/<dataset>
+    _check_atomic_files(config)
+
+
+def prepare(config) -> list:
+    """Everything before the dataset is read: the folder (:func:`prepare_folder`), then the prep hooks of the
+    model's feature tables and ``prep_hooks`` (unless ``prep_auto_run: false``). Returns the hooks that ran.
+    ``bench`` and ``tune`` call it once in the driver, so their workers find the files made."""
+    prepare_folder(config)
+    if not config["prep_auto_run"]:
+        return []
+    return prep_hooks.ensure(config, [t.hook for t in model_tables(config["model"])])
+
+
 def dataset_folder(dataset: str, data_path: str = "dataset/") -> str:
     """Absolute folder of a dataset's atomic files (``<data_path>/<dataset>``); embedded ones are copied there."""
     folder = os.path.abspath(os.path.join(os.path.expanduser(data_path), dataset))
     if dataset in EMBEDDED_DATASETS:
         materialize_embedded(dataset, folder)
     return folder
+
+
+@dataclass(frozen=True)
+class FeatureTable:
+    """A table a model declares (class attribute ``feature_tables``), loaded row-aligned with RecBole's ids.
+
+    ``name``: the model's buffer (``self.<name>``) and ``dataset.feature_table(name)``; ``hook``: the prep
+    hook that produces it (its output file is the table; a file the user put there is used as is);
+    ``kind``: ``item`` (``[n_items, ...]``) or ``user`` (``[n_users, ...]``); ``options``: prefix of the
+    config keys ``<options>_format`` (auto | npz | text), ``<options>_dim`` and ``<options>_missing``
+    (error | zero); ``ragged``: variable-length integer rows (token ids) instead of vectors;
+    ``description``: words for error messages.
+    """
+
+    name: str
+    hook: str
+    kind: str = "item"
+    options: str = "item_emb"
+    ragged: bool = False
+    description: str = "a feature table"
+
+
+def model_tables(model_name) -> Tuple[FeatureTable, ...]:
+    return tuple(getattr(registry.get_model(model_name), "feature_tables", ()) or ())
 
 
 def create_dataset(config):
@@ -86,134 +129,154 @@ def create_dataset(config):
       written beside it (``.itememb``, profiles) land in a writable folder;
     * a missing dataset raises :class:`DatasetNotFoundError` naming the expected file (RecBole would
       try to download it and fail with a network error on an offline machine);
-    * the preparation hooks the config names (``prep_hooks``) run first when their outputs are missing
-      or stale (:mod:`recbole_llmfuse.dataset_prep.hooks`);
-    * a model class with a ``dataset_class`` attribute gets that class; otherwise RecBole's rule
-      (``<Model>Dataset`` or the model type's dataset) applies.
+    * the preparation hooks that produce the model's feature tables (and those ``prep_hooks`` names) run
+      first when their outputs are missing (:mod:`recbole_llmfuse.dataset_prep.hooks`); ``prep_auto_run:
+      false`` uses the files as they are;
+    * a model that declares ``feature_tables`` gets a :class:`FeatureSequentialDataset`; a model class
+      with a ``dataset_class`` attribute gets that class; otherwise RecBole's rule applies.
     """
-    if config["dataset"] in EMBEDDED_DATASETS:
-        materialize_embedded(config["dataset"], config["data_path"])  # data_path is already <root>/<dataset>
-    _check_atomic_files(config)
-    prep_hooks.ensure(config)
+    prepare(config)
+    tables = model_tables(config["model"])
+    if tables:
+        return FeatureSequentialDataset(config, tables)
     dataset_class = getattr(registry.get_model(config["model"]), "dataset_class", None)
     if dataset_class is not None:
         return dataset_class(config)
     return recbole_create_dataset(config)
 
 
-class LLMSequentialDataset(SequentialDataset):
-    """``SequentialDataset`` that also loads the item text-embedding table of ``<dataset>.itememb``.
+# -- training-split statistics (models and the evaluation read them from here) ----------------------
+def training_counts(train_dataset) -> tuple:
+    """``(item_counts [n_items], user_counts [n_users])``: training interactions per item and per user.
 
-    After construction, :meth:`item_embedding_table` returns float32 ``[n_items, dim]`` whose row ``i``
-    is RecBole's internal item id ``i`` (row 0, padding, is zero). Sources, first found wins
-    (``item_emb_format: auto``): the binary ``<dataset>.itememb.npz``, then the text
-    ``<dataset>.itememb`` through RecBole's ``additional_feat_suffix``/``alias_of_item_id``/
-    ``preload_weight``. Config keys: ``item_emb_suffix`` (default ``itememb``), ``item_emb_format``
-    (``auto | npz | text``), ``item_emb_dim`` (expected dim, optional), ``item_emb_missing``
-    (``error | zero``).
+    Works on RecBole's augmented sequential training data (one row per prefix: the targets, plus each
+    user's first item, seen only in the rows of length 1) and on plain interaction data.
+    """
+    feat = train_dataset.inter_feat
+    iid, uid = train_dataset.iid_field, train_dataset.uid_field
+    n_items, n_users = train_dataset.item_num, train_dataset.user_num
+    items = feat[iid].numpy()
+    users = feat[uid].numpy()
+    item_counts = np.bincount(items, minlength=n_items)
+    user_counts = np.bincount(users, minlength=n_users)
+    list_field = iid + train_dataset.config["LIST_SUFFIX"]
+    if list_field in feat.columns:
+        first = feat[train_dataset.config["ITEM_LIST_LENGTH_FIELD"]].numpy() == 1
+        item_counts += np.bincount(feat[list_field][:, 0].numpy()[first], minlength=n_items)
+        user_counts += np.bincount(users[first], minlength=n_users)
+    item_counts[0] = user_counts[0] = 0
+    return item_counts, user_counts
 
-    Validation (each error names the file and the fix): wrong dim, ragged rows, duplicate ids,
-    NaN/inf, dataset items without a vector. Vectors of ids the dataset does not have are dropped
-    before RecBole remaps ids, so they never become ranking candidates; and RecBole's
-    ``normalize_all`` (on for ml-100k) leaves the vectors alone.
+
+def item_groups(item_counts: np.ndarray, head_ratio: float, n_buckets: int) -> Dict[str, np.ndarray]:
+    """``is_head [n_items]`` and ``bucket [n_items]`` (1 = warmest .. ``n_buckets``; padding 0).
+
+    Items are ranked by (training count desc, item id asc); the first ``ceil(head_ratio * n)`` are head;
+    buckets split the ranking into equal item counts. Items never seen in training rank last.
+    """
+    n = len(item_counts) - 1
+    order = np.lexsort((np.arange(1, n + 1), -item_counts[1:])) + 1  # item ids, most popular first
+    rank = np.empty(n + 1, dtype=np.int64)
+    rank[order] = np.arange(n)
+    rank[0] = -1
+    is_head = np.zeros(n + 1, dtype=bool)
+    is_head[order[: int(np.ceil(head_ratio * n))]] = True
+    bucket = np.zeros(n + 1, dtype=np.int64)
+    bucket[1:] = rank[1:] * n_buckets // n + 1
+    return {"is_head": is_head, "bucket": bucket}
+
+
+def tail_users(user_counts: np.ndarray, tail_ratio: float) -> np.ndarray:
+    """``is_tail [n_users]``: users in the shortest ``tail_ratio`` of training histories (ties by user id)."""
+    n = len(user_counts) - 1
+    order = np.lexsort((np.arange(1, n + 1), user_counts[1:])) + 1  # shortest first
+    out = np.zeros(n + 1, dtype=bool)
+    out[order[: int(round(tail_ratio * n))]] = True
+    return out
+
+
+def frequency_buckets(item_counts: np.ndarray, n_buckets: int) -> np.ndarray:
+    """``bucket [n_items]``: 1 (most frequent) .. ``n_buckets`` (coldest); padding 0.
+
+    Rank-based equal-size buckets over (count desc, item id asc), the same rule as the evaluation's
+    popularity buckets; items never seen in training rank last.
+    """
+    return item_groups(item_counts, 0.0, n_buckets)["bucket"]
+
+
+class FeatureSequentialDataset(SequentialDataset):
+    """``SequentialDataset`` that also loads the model's declared :class:`FeatureTable` s.
+
+    After construction, :meth:`feature_table` returns each table with row ``i`` = RecBole's internal id
+    ``i`` (row 0, padding, zero): float32 ``[n, dim]``, or for ragged tables ``(ids [n, max_len]`` int64
+    padded with -1, ``lengths [n])``. Each table is the first output of its hook
+    (``<dataset>.<suffix>.npz``), else the hook's text twin (``<options>_format: auto``), read by
+    :func:`~recbole_llmfuse.dataset_prep.itememb.read_table` and aligned by the original id tokens after
+    RecBole's filtering and remapping, so ids the dataset does not have never become candidates and
+    RecBole's ``normalize_all`` leaves the vectors alone. Validation (each error names the file and the
+    fix): wrong dim, ragged text rows, duplicate ids, NaN/inf, dataset ids without a row.
     """
 
-    def __init__(self, config):
-        self._emb_suffix = config["item_emb_suffix"] or itememb.DEFAULT_SUFFIX
-        self._emb_dim = config["item_emb_dim"]
-        self._emb_missing = config["item_emb_missing"] or "error"
-        if self._emb_missing not in ("error", "zero"):
-            raise ItemEmbeddingError(f"item_emb_missing must be 'error' or 'zero', not {self._emb_missing!r}")
-        text_path, npz_path = itememb.paths(config["data_path"], config["dataset"], self._emb_suffix)
-        fmt = config["item_emb_format"] or "auto"
-        if fmt == "auto":
-            fmt = "npz" if os.path.isfile(npz_path) else "text" if os.path.isfile(text_path) else None
-        if fmt not in ("npz", "text"):
-            raise ItemEmbeddingError(
-                f"model {config['model']} needs item text embeddings, but neither {npz_path} nor "
-                f"{text_path} exists (item_emb_format: {config['item_emb_format']}). Make them with "
-                f"`recbole-llmfuse prep embed --dataset {config['dataset']}`, or let the model do it: "
-                f"prep_hooks: [item_text_embedding]."
-            )
-        self._emb_path = npz_path if fmt == "npz" else text_path
-        if fmt == "text":
-            self._configure_text_source(config, text_path)
-        self._emb_format = fmt
+    def __init__(self, config, tables: Sequence[FeatureTable]):
+        self._tables = tuple(tables)
         super().__init__(config)
-        self._item_table = self._build_item_table()
+        self._feature_tables = {t.name: self._load_table(t) for t in self._tables}
 
-    # -- text path: RecBole's own loading, with checks at the points where raw tokens are visible ------
-    def _configure_text_source(self, config, path: str) -> None:
-        with open(path, encoding="utf-8") as f:
-            header = f.readline().rstrip("\n")
-        if header.split("\t") != itememb.TEXT_HEADER.split("\t"):
+    def build(self):
+        """RecBole's split; with ``train_rows: windows`` the training split keeps one row per window of
+        ``MAX_ITEM_LIST_LENGTH`` items (non-overlapping, plus each user's last training row) instead of one row
+        per prefix: for models that supervise every position of a row (HDRec), every training item is still
+        a target once, at a fraction of the rows."""
+        datasets = super().build()
+        mode = self.config["train_rows"]
+        if mode not in ("all", "windows"):
+            raise ItemEmbeddingError(f"train_rows must be all or windows, not {mode!r}")
+        if mode == "windows":
+            import pandas as pd
+            import torch
+
+            train = datasets[0]
+            users = pd.Series(train.inter_feat[self.uid_field].numpy())
+            k = users.groupby(users, sort=False).cumcount().to_numpy() + 1  # prefix length (rows keep time order)
+            last = k == users.map(users.value_counts()).to_numpy()
+            keep = np.flatnonzero((k % self.config["MAX_ITEM_LIST_LENGTH"] == 0) | last)
+            datasets[0] = train.copy(train.inter_feat[torch.from_numpy(keep)])
+        return datasets
+
+    def _load_table(self, table: FeatureTable):
+        config = self.config
+        fmt, missing, dim = (config[f"{table.options}_{k}"] for k in ("format", "missing", "dim"))
+        if fmt not in ("auto", "npz", "text") or missing not in ("error", "zero"):
             raise ItemEmbeddingError(
-                f"{path}: line 1 must be the header '{itememb.TEXT_HEADER.replace(chr(9), '<TAB>')}', found "
-                f"{header[:80]!r}. The id column must be '{itememb.ID_FIELD}' (not item_id)."
+                f"{table.options}_format must be auto | npz | text and {table.options}_missing error | zero; got "
+                f"{fmt!r} and {missing!r}")
+        hook = prep_hooks.make_hook(table.hook, config)
+        npz_path, text_path = hook.table_files()
+        if fmt == "auto":
+            fmt = "npz" if os.path.isfile(npz_path) else "text" if text_path and os.path.isfile(text_path) else None
+        path = {"npz": npz_path, "text": text_path}.get(fmt)
+        if not path or not os.path.isfile(path):
+            where = " nor ".join(p for p in (npz_path, text_path) if p)
+            raise ItemEmbeddingError(
+                f"model {config['model']} needs {table.description}, but neither {where} exists "
+                f"({table.options}_format: {config[f'{table.options}_format']}). Make them with "
+                f"`{hook.command()}`, or let the model do it (prep_auto_run: true)."
             )
-        suffixes = list(config["additional_feat_suffix"] or [])
-        if self._emb_suffix not in suffixes:
-            config["additional_feat_suffix"] = suffixes + [self._emb_suffix]
-        load_col = dict(config["load_col"] or {})
-        load_col[self._emb_suffix] = [itememb.ID_FIELD, itememb.VALUE_FIELD]
-        config["load_col"] = load_col
-        alias = list(config["alias_of_item_id"] or [])
-        if itememb.ID_FIELD not in alias:
-            config["alias_of_item_id"] = alias + [itememb.ID_FIELD]
-        preload = dict(config["preload_weight"] or {})
-        preload[itememb.ID_FIELD] = itememb.VALUE_FIELD
-        config["preload_weight"] = preload
+        tokens, values = itememb.read_table(path, expected_dim=dim, kind=table.kind)
+        field = self.iid_field if table.kind == "item" else self.uid_field
+        n_rows = self.item_num if table.kind == "item" else self.user_num
+        return itememb.align(tokens, values, self.field2token_id[field], n_rows, path, missing)
 
-    def _load_feat(self, filepath, source):
-        df = super()._load_feat(filepath, source)
-        if source == self._emb_suffix and df is not None:
-            rows = df[itememb.VALUE_FIELD].values
-            lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-            if len(rows) and (lengths != lengths[0]).any():
-                bad = int(np.flatnonzero(lengths != lengths[0])[0])
-                raise ItemEmbeddingError(
-                    f"{filepath}, line {bad + 2}: vector of item '{df[itememb.ID_FIELD].iloc[bad]}' has "
-                    f"{lengths[bad]} values, line 2 has {lengths[0]}. Every vector needs the same dim; "
-                    f"re-run the embedding step."
-                )
-            matrix = np.stack(rows) if len(rows) else np.zeros((0, self._emb_dim or 0))
-            itememb.check_matrix(df[itememb.ID_FIELD].tolist(), matrix, source=filepath, expected_dim=self._emb_dim)
-        return df
-
-    def _remap_ID_all(self):
-        feat = getattr(self, f"{self._emb_suffix}_feat", None)
-        if self._emb_format == "text" and feat is not None:
-            known = set(self.inter_feat[self.iid_field])
-            if self.item_feat is not None:
-                known |= set(self.item_feat[self.iid_field])
-            keep = feat[itememb.ID_FIELD].isin(known)
-            if not keep.all():
-                self.logger.info(f"{self._emb_path}: ignoring {int((~keep).sum())} vectors of items not in the dataset")
-                setattr(self, f"{self._emb_suffix}_feat", feat[keep].reset_index(drop=True))
-        super()._remap_ID_all()
-
-    @property
-    def float_like_fields(self):
-        return [f for f in super().float_like_fields if f != itememb.VALUE_FIELD]
-
-    # -- the table ----------------------------------------------------------------------------------
-    def _build_item_table(self) -> np.ndarray:
-        n_items = self.item_num
-        if self._emb_format == "npz":
-            tokens, matrix = itememb.read_npz(self._emb_path, expected_dim=self._emb_dim)
-            return itememb.align(
-                tokens, matrix, self.field2token_id[self.iid_field], n_items, self._emb_path, self._emb_missing
-            )
-        # RecBole's preload matrix is already indexed by internal id; only coverage is left to check
-        feat = getattr(self, f"{self._emb_suffix}_feat")
-        have = np.zeros(n_items, dtype=bool)
-        have[np.asarray(feat[itememb.ID_FIELD].values, dtype=np.int64)] = True  # remapped internal ids
-        id2token = self.field2id_token[self.iid_field]
-        itememb.check_coverage(have, id2token.__getitem__, self._emb_path, self._emb_missing)
-        table = np.asarray(self.get_preload_weight(itememb.ID_FIELD), dtype=np.float32)
-        table[~have] = 0.0  # padding and (with item_emb_missing: zero) items without a vector
-        return table
+    def feature_table(self, name: str):
+        """The table ``name`` (see class docstring)."""
+        if name not in self._feature_tables:
+            raise KeyError(f"no feature table '{name}'; this dataset has {sorted(self._feature_tables)}")
+        return self._feature_tables[name]
 
     def item_embedding_table(self) -> np.ndarray:
-        """float32 ``[n_items, dim]``; row = RecBole internal item id; row 0 zero."""
-        return self._item_table
+        """float32 ``[n_items, dim]`` of the item text-embedding table (``item_text_emb``); row 0 zero."""
+        return self.feature_table("item_text_emb")
+
+
+#: the name this class had before feature tables were declared by models
+LLMSequentialDataset = FeatureSequentialDataset

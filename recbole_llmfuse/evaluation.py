@@ -30,6 +30,8 @@ import torch
 from recbole.evaluator import Collector, Evaluator
 from recbole.evaluator.base_metric import TopkMetric
 
+from recbole_llmfuse.data import item_groups, tail_users, training_counts
+
 GROUPINGS = ("item_popularity", "item_buckets", "user_history")
 _KEYS = ("rec.group_user", "rec.group_item", "rec.target_rank")
 
@@ -49,55 +51,6 @@ def groupings(config) -> tuple:
     return tuple(value)
 
 
-def training_counts(train_dataset) -> tuple:
-    """``(item_counts [n_items], user_counts [n_users])``: training interactions per item and per user.
-
-    Works on RecBole's augmented sequential training data (one row per prefix: the targets, plus each
-    user's first item, seen only in the rows of length 1) and on plain interaction data.
-    """
-    feat = train_dataset.inter_feat
-    iid, uid = train_dataset.iid_field, train_dataset.uid_field
-    n_items, n_users = train_dataset.item_num, train_dataset.user_num
-    items = feat[iid].numpy()
-    users = feat[uid].numpy()
-    item_counts = np.bincount(items, minlength=n_items)
-    user_counts = np.bincount(users, minlength=n_users)
-    list_field = iid + train_dataset.config["LIST_SUFFIX"]
-    if list_field in feat.columns:
-        first = feat[train_dataset.config["ITEM_LIST_LENGTH_FIELD"]].numpy() == 1
-        item_counts += np.bincount(feat[list_field][:, 0].numpy()[first], minlength=n_items)
-        user_counts += np.bincount(users[first], minlength=n_users)
-    item_counts[0] = user_counts[0] = 0
-    return item_counts, user_counts
-
-
-def item_groups(item_counts: np.ndarray, head_ratio: float, n_buckets: int) -> Dict[str, np.ndarray]:
-    """``is_head [n_items]`` and ``bucket [n_items]`` (1 = warmest .. ``n_buckets``; padding 0).
-
-    Items are ranked by (training count desc, item id asc); the first ``ceil(head_ratio * n)`` are head;
-    buckets split the ranking into equal item counts. Items never seen in training rank last.
-    """
-    n = len(item_counts) - 1
-    order = np.lexsort((np.arange(1, n + 1), -item_counts[1:])) + 1  # item ids, most popular first
-    rank = np.empty(n + 1, dtype=np.int64)
-    rank[order] = np.arange(n)
-    rank[0] = -1
-    is_head = np.zeros(n + 1, dtype=bool)
-    is_head[order[: int(np.ceil(head_ratio * n))]] = True
-    bucket = np.zeros(n + 1, dtype=np.int64)
-    bucket[1:] = rank[1:] * n_buckets // n + 1
-    return {"is_head": is_head, "bucket": bucket}
-
-
-def tail_users(user_counts: np.ndarray, tail_ratio: float) -> np.ndarray:
-    """``is_tail [n_users]``: users in the shortest ``tail_ratio`` of training histories (ties by user id)."""
-    n = len(user_counts) - 1
-    order = np.lexsort((np.arange(1, n + 1), user_counts[1:])) + 1  # shortest first
-    out = np.zeros(n + 1, dtype=bool)
-    out[order[: int(round(tail_ratio * n))]] = True
-    return out
-
-
 class GroupCollector(Collector):
     """RecBole's ``Collector`` that also keeps, per evaluated row, the user, its target item and the target's rank."""
 
@@ -110,8 +63,8 @@ class GroupCollector(Collector):
         super().data_collect(train_data)
         item_counts, user_counts = training_counts(train_data.dataset)
         self.groups = {
-            **item_groups(item_counts, self.config["head_item_ratio"] or 0.2, self.config["popularity_buckets"] or 10),
-            "tail_user": tail_users(user_counts, self.config["tail_user_ratio"] or 0.8),
+            **item_groups(item_counts, self.config["head_item_ratio"], self.config["popularity_buckets"]),
+            "tail_user": tail_users(user_counts, self.config["tail_user_ratio"]),
             "item_counts": item_counts,
         }
 

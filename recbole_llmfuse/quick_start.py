@@ -8,27 +8,24 @@ evaluator are RecBole's.
 """
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import MutableMapping
 from logging import getLogger
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
 
 from recbole.data.transform import construct_transform
 from recbole.utils import get_environment, get_flops, init_logger, init_seed, set_color
 
-from recbole_llmfuse import registry
-from recbole_llmfuse.compat import trusted_torch_load
+from recbole_llmfuse import checkpoint, registry
 from recbole_llmfuse.config import Config
 from recbole_llmfuse.data import create_dataset, data_preparation
-from recbole_llmfuse.evaluation import enable_group_metrics
 
 
 def make_trainer(config, model):
-    """The model's RecBole trainer, with group metrics installed when ``config['group_metrics']`` asks."""
-    trainer = registry.get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
-    enable_group_metrics(trainer)
-    return trainer
+    """The model's trainer (:func:`recbole_llmfuse.registry.get_trainer`: callbacks, timing, lean
+    checkpoints; group metrics installed when ``config['group_metrics']`` asks)."""
+    return registry.get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
 
 
 def build(config, logger=None):
@@ -40,6 +37,76 @@ def build(config, logger=None):
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = registry.get_model(config["model"])(config, train_data._dataset).to(config["device"])
     return dataset, model, train_data, valid_data, test_data
+
+
+def log_model(config, model, dataset, logger) -> None:
+    """Print the model and its FLOPs as RecBole does, or, above ``model_log_max_params`` parameters (an LLM
+    inside), one summary line: ``get_flops`` deep-copies the model and printing an 8B decoder helps nobody."""
+    total, trainable, frozen = checkpoint.parameter_summary(model)
+    if total <= config["model_log_max_params"]:
+        logger.info(model)
+        flops = get_flops(model, dataset, config["device"], logger, construct_transform(config))
+        logger.info(set_color("FLOPs", "blue") + f": {flops}")
+    logger.info(set_color("parameters", "blue") + f": {total:,} total, {trainable:,} trainable "
+                f"({100.0 * trainable / max(total, 1):.2f}%), {frozen:,} frozen and left out of checkpoints")
+
+
+@dataclass
+class RunResult:
+    """What :func:`execute` returns; ``trainer`` holds the timings (``epoch_times``, ``eval_times``)."""
+
+    config: object
+    model: object
+    trainer: object
+    train_data: object
+    valid_data: object
+    test_data: object
+    best_valid_score: float
+    best_valid_result: Optional[dict]
+    test_result: Optional[dict]
+    model_file: Optional[str]
+
+    def summary(self) -> dict:
+        return {
+            "best_valid_score": self.best_valid_score,
+            "valid_score_bigger": self.config["valid_metric_bigger"],
+            "best_valid_result": self.best_valid_result,
+            "test_result": self.test_result,
+            "model_file": self.model_file,
+        }
+
+
+def execute(config, callbacks: Sequence[object] = (), saved: bool = True, test: bool = True,
+            verbose: bool = True) -> RunResult:
+    """The one run path (``run_recbole``, ``objective_function``, ``bench`` and ``tune`` all call it):
+    seed, logger, dataset (and its preparation hooks), model, trainer, ``fit``, test evaluation.
+
+    ``callbacks`` are added to the trainer (``on_epoch_end``, ``on_valid``; ``on_fit_end`` is called here
+    after ``fit``). ``saved``: keep the best checkpoint and test it; ``test``: evaluate on the test split.
+    """
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    if verbose:
+        logger.info(sys.argv)
+        logger.info(config)
+    dataset, model, train_data, valid_data, test_data = build(config, logger if verbose else None)
+    if verbose:
+        log_model(config, model, dataset, logger)
+    trainer = make_trainer(config, model)
+    for cb in callbacks:
+        trainer.add_callback(cb)
+    show = config["show_progress"] and verbose
+    best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, verbose=verbose, saved=saved,
+                                                      show_progress=show)
+    trainer.emit("on_fit_end")
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=show) if test else None
+    if verbose:
+        logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
+        logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+        logger.info(set_color("test result", "yellow") + f": {test_result}")
+    return RunResult(config, model, trainer, train_data, valid_data, test_data, best_valid_score,
+                     best_valid_result, test_result, trainer.saved_model_file if saved else None)
 
 
 def run_recbole(
@@ -69,37 +136,7 @@ def run_recbole(
     config = Config(
         model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict, argv=argv
     )
-    init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
-    logger = getLogger()
-    logger.info(sys.argv)
-    logger.info(config)
-
-    dataset, model, train_data, valid_data, test_data = build(config, logger)
-    logger.info(model)
-
-    transform = construct_transform(config)
-    flops = get_flops(model, dataset, config["device"], logger, transform)
-    logger.info(set_color("FLOPs", "blue") + f": {flops}")
-
-    trainer = make_trainer(config, model)
-    best_valid_score, best_valid_result = trainer.fit(
-        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
-    )
-    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
-
-    environment_tb = get_environment(config)
-    logger.info("The running environment of this training is as follows:\n" + environment_tb.draw())
-    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
-    logger.info(set_color("test result", "yellow") + f": {test_result}")
-
-    result = {
-        "best_valid_score": best_valid_score,
-        "valid_score_bigger": config["valid_metric_bigger"],
-        "best_valid_result": best_valid_result,
-        "test_result": test_result,
-        "model_file": trainer.saved_model_file if saved else None,
-    }
+    result = execute(config, saved=saved).summary()
     if not config["single_spec"]:
         import torch.distributed as dist
 
@@ -163,39 +200,24 @@ def objective_function(config_dict=None, config_file_list=None, saved=True):
     Ray releases); Ray Tune sweeps use ``recbole-llmfuse tune``, which reports every epoch.
     """
     config = Config(config_dict=config_dict, config_file_list=config_file_list, argv=[])
-    init_seed(config["seed"], config["reproducibility"])
     logger = getLogger()
     for hdlr in logger.handlers[:]:
         logger.removeHandler(hdlr)
-    init_logger(config)
-    logging.basicConfig(level=logging.ERROR)
-    _, model, train_data, valid_data, test_data = build(config)
-    trainer = make_trainer(config, model)
-    best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, verbose=False, saved=saved)
-    test_result = trainer.evaluate(test_data, load_best_model=saved)
-    return {
-        "model": config["model"],
-        "best_valid_score": best_valid_score,
-        "valid_score_bigger": config["valid_metric_bigger"],
-        "best_valid_result": best_valid_result,
-        "test_result": test_result,
-    }
+    return {"model": config["model"], **execute(config, saved=saved, verbose=False).summary()}
 
 
 def load_data_and_model(model_file):
     """Reload a checkpoint written by :func:`run_recbole` (plugin or RecBole model).
 
     Returns ``(config, model, dataset, train_data, valid_data, test_data)`` like RecBole's function.
-    Frozen buffers that models rebuild from data files (e.g. LLM embedding tables) are not in the
-    checkpoint; they are rebuilt here from the same files.
+    Frozen tensors that models rebuild from their sources (LLM embedding tables, a frozen decoder) are not
+    in the checkpoint (:mod:`recbole_llmfuse.checkpoint`); they are rebuilt here from the same sources.
     """
-    checkpoint = trusted_torch_load(model_file, map_location="cpu")
-    config = checkpoint["config"]
+    config = checkpoint.read(model_file)["config"]
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
     logger.info(config)
     dataset, model, train_data, valid_data, test_data = build(config, logger)
-    model.load_state_dict(checkpoint["state_dict"])
-    model.load_other_parameter(checkpoint.get("other_parameter"))
+    checkpoint.load_weights(model, model_file, map_location=config["device"])
     return config, model, dataset, train_data, valid_data, test_data

@@ -131,14 +131,18 @@ def get_model(name: str) -> Type:
 
 
 def get_trainer(model_type, model_name):
-    """The trainer class for a model: its ``trainer_class`` attribute if it has one, else RecBole's rule."""
+    """The trainer class for a model: its ``trainer_class`` attribute if it has one, else RecBole's rule;
+    either way with :class:`recbole_llmfuse.trainer.TrainerMixin` (callbacks, timing, lean checkpoints),
+    and RecBole's plain ``Trainer`` replaced by :class:`recbole_llmfuse.trainer.Trainer` (step-level training)."""
     from recbole.utils import get_trainer as recbole_get_trainer
+
+    from recbole_llmfuse.trainer import with_run_hooks
 
     model_class = get_model(model_name)
     trainer = getattr(model_class, "trainer_class", None)
-    if trainer is not None:
-        return trainer
-    return recbole_get_trainer(model_type, model_name)
+    if trainer is None:
+        trainer = recbole_get_trainer(model_type, model_class.__name__)
+    return with_run_hooks(trainer)
 
 
 def model_config_file(model_class: type) -> Optional[str]:

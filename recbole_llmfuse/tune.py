@@ -125,44 +125,38 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
+class TuneReporter:
+    """Callback: reports every validation to Tune, then the run's end (``fit_done``: ended by itself, by
+    the epoch limit or RecBole's early stopping, not by the scheduler)."""
+
+    def __init__(self, session):
+        self.session, self.reports, self.last = session, 0, {}
+
+    def on_valid(self, trainer, epoch, score, result) -> None:
+        # "epoch" counts validations over the whole run, so it keeps growing across the phases of a
+        # multi-phase model (PAD), as ASHA's time attribute must
+        self.reports += 1
+        self.last = dict(result)
+        self.session.report({**{k: float(v) for k, v in result.items()}, "valid_score": float(score),
+                             "epoch": self.reports, "fit_done": 0})
+
+    def on_fit_end(self, trainer) -> None:
+        self.session.report({**{k: float(v) for k, v in (trainer.best_valid_result or self.last).items()},
+                             "valid_score": float(trainer.best_valid_score), "epoch": self.reports, "fit_done": 1})
+
+
 def train_trial(params: dict, setup: dict) -> None:
-    """Ray function trainable: one RecBole run that reports every validation to Tune."""
+    """Ray function trainable: one run (the package's run path) that reports every validation to Tune."""
     from ray.air import session
-    from recbole.utils import init_logger, init_seed
 
     import recbole_llmfuse  # noqa: F401  (compat shims in the worker)
     from recbole_llmfuse.config import Config
-    from recbole_llmfuse.quick_start import build, make_trainer
+    from recbole_llmfuse.quick_start import execute
 
     params = {k: _plain(v) for k, v in params.items()}
     config = Config(setup["model"], setup["dataset"], config_file_list=setup["config_files"] or None,
                     config_dict={**setup["fixed"], **params, "show_progress": False}, argv=setup["overrides"])
-    init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)  # ./log/ of the trial directory
-    _, model, train_data, valid_data, _ = build(config)
-    trainer = make_trainer(config, model)
-    last = {}
-    valid_epoch = trainer._valid_epoch
-
-    def recording_valid_epoch(*args, **kwargs):
-        score, result = valid_epoch(*args, **kwargs)
-        last.update(result)
-        return score, result
-
-    reports = []
-
-    def report(epoch_idx, valid_score):
-        # "epoch" counts validations over the whole run, so it keeps growing across the phases of a
-        # multi-phase model (PAD), as ASHA's time attribute must
-        reports.append(epoch_idx)
-        session.report({**{k: float(v) for k, v in last.items()}, "valid_score": float(valid_score),
-                        "epoch": len(reports), "fit_done": 0})
-
-    trainer._valid_epoch = recording_valid_epoch
-    trainer.fit(train_data, valid_data, saved=False, show_progress=False, callback_fn=report)
-    # the run ended by itself (epochs or RecBole's early stopping), not by the scheduler
-    session.report({**{k: float(v) for k, v in (trainer.best_valid_result or last).items()},
-                    "valid_score": float(trainer.best_valid_score), "epoch": len(reports), "fit_done": 1})
+    execute(config, callbacks=[TuneReporter(session)], saved=False, test=False, verbose=False)  # ./log/ of the trial
 
 
 # -- the sweep ---------------------------------------------------------------------------------------------
@@ -185,6 +179,9 @@ def run_tune(model: str, dataset: str, space_file: str, out: str, config_files: 
     config_files = [os.path.abspath(p) for p in config_files]
     # every path a trial sees is absolute: Ray runs trials in their own directories
     probe = Config(model, dataset, config_file_list=config_files or None, argv=overrides)
+    from recbole_llmfuse.data import prepare
+
+    prepare(probe)  # hooks run once here, before any trial (trials with swept hook settings wait on its lock)
     fixed = {"data_path": os.path.dirname(probe["data_path"]),  # RecBole appends /<dataset> itself
              "checkpoint_dir": os.path.join(out, "saved")}
     from recbole_llmfuse.registry import get_model

@@ -36,7 +36,7 @@ def _dataset(data_path, **cfg):
     config = Config(
         "MoRec", SMALL,
         config_dict={"data_path": data_path, "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
-                     "prep_hooks": [], **cfg},  # these tests check the files themselves, not the hook
+                     "prep_auto_run": False, **cfg},  # these tests check the files themselves, not the hook
         argv=[],
     )
     return create_dataset(config)

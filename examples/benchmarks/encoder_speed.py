@@ -16,8 +16,9 @@ import os
 import statistics
 from collections import defaultdict
 
-import recbole_llmfuse
-from recbole_llmfuse.timing import EpochTimer
+import recbole_llmfuse  # noqa: F401
+from recbole_llmfuse.config import Config
+from recbole_llmfuse.quick_start import execute
 
 
 def mean_std(values):
@@ -37,19 +38,15 @@ def main(argv=None):
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for model in models:
-            with EpochTimer() as timer:
-                result = recbole_llmfuse.run_recbole(
-                    model=model,
-                    dataset=args.dataset,
-                    config_dict={"seed": seed, "epochs": args.epochs, "show_progress": False, "stopping_step": 1000},
-                    argv=overrides,
-                )
+            config = Config(model, args.dataset, argv=overrides, config_dict={
+                "seed": seed, "epochs": args.epochs, "show_progress": False, "stopping_step": 1000})
+            run = execute(config)
             row = {
                 "model": model,
                 "seed": seed,
-                "epoch_s": statistics.mean(timer.train),
-                "eval_s": statistics.mean(timer.eval),
-                **{f"test_{k}": float(v) for k, v in result["test_result"].items()},
+                "epoch_s": statistics.mean(run.trainer.epoch_times),
+                "eval_s": statistics.mean(run.trainer.eval_times),
+                **{f"test_{k}": float(v) for k, v in run.test_result.items()},
             }
             rows.append(row)
             print(f"[{model} seed={seed}] epoch {row['epoch_s']:.1f}s  test ndcg@10 {row['test_ndcg@10']:.4f}", flush=True)

@@ -53,7 +53,7 @@ def main() -> None:
     overrides = [
         f"--data_path={data}", "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}", "--epochs=1",
         "--loss_type=BCE", "--train_neg_sample_args={'distribution': 'uniform', 'sample_num': 1}",
-        f"--hidden_size={args.hidden_size}", "--MAX_ITEM_LIST_LENGTH=20", "--prep_hooks=[]",
+        f"--hidden_size={args.hidden_size}", "--MAX_ITEM_LIST_LENGTH=20", "--prep_auto_run=false",
         "--mlp_hidden_sizes=[512]", "--train_batch_size=2048", "--eval_batch_size=1024", "--item_emb_missing=error",
     ]
     out = os.path.join(args.out, "bench")

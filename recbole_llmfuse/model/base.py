@@ -4,10 +4,17 @@
   (``forward`` -> sequence representation, ``item_vectors``, ``all_item_vectors``; or override
   ``score_items``/``score_all`` for non-dot-product scoring); it supplies the losses
   (``loss_type``: ``CE`` | ``BPR`` | ``BCE``), ``predict`` and ``full_sort_predict``.
-* :class:`LLMFusedSequentialRecommender` — adds the frozen item text-embedding table
-  (``self.item_text_emb``, ``[n_items, text_dim]``, row = internal item id), read from the dataset's
-  ``.itememb`` files by :class:`~recbole_llmfuse.data.LLMSequentialDataset`. The table is a
-  non-persistent buffer: checkpoints stay small and reloading rebuilds it from the same file.
+* **feature tables**: a model lists the tables it needs in ``feature_tables`` (each a
+  :class:`~recbole_llmfuse.data.FeatureTable`: item text embeddings, ragged item token ids, user
+  embeddings, a pre-trained ID table ...); the prep hook of each runs when its file is missing and the
+  table arrives as a non-persistent buffer ``self.<name>`` row-aligned with RecBole's ids (ragged tables:
+  ``self.<name>`` ``[n, max_len]`` padded with -1 and ``self.<name>_len``). Checkpoints stay small and
+  reloading rebuilds the buffers from the same files.
+* :class:`LLMFusedSequentialRecommender` — declares the frozen item text-embedding table
+  (``self.item_text_emb``, ``[n_items, text_dim]``, row = internal item id).
+* training and scoring see the whole interaction: ``encode(interaction)`` (default: ``forward`` of the
+  item sequence and its length) is what the losses and ``predict``/``full_sort_predict`` call, so a model
+  may read user ids or any other field there.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 
 from torch import nn
 
-from recbole_llmfuse.data import LLMSequentialDataset
+from recbole_llmfuse.data import FeatureTable
 from recbole_llmfuse.model.encoders import SequenceBackbone
 from recbole_llmfuse.model.sequential import init_weights
 
@@ -35,6 +42,26 @@ class SequentialBase(SequentialRecommender):
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type '{self.loss_type}' is not supported by {type(self).__name__}; use one of {LOSS_TYPES}")
         self.initializer_range = config["initializer_range"]
+        self._register_feature_tables(dataset)
+
+    def _register_feature_tables(self, dataset) -> None:
+        tables = getattr(type(self), "feature_tables", ())
+        if not tables:
+            return
+        if not hasattr(dataset, "feature_table"):
+            raise TypeError(
+                f"{type(self).__name__} needs a dataset built by recbole_llmfuse.create_dataset (it loads the "
+                f"model's feature tables), got {type(dataset).__name__}; use recbole_llmfuse's "
+                f"run_recbole/create_dataset instead of RecBole's."
+            )
+        for table in tables:
+            value = dataset.feature_table(table.name)
+            if table.ragged:
+                ids, lengths = value
+                self.register_buffer(table.name, torch.from_numpy(ids), persistent=False)
+                self.register_buffer(f"{table.name}_len", torch.from_numpy(lengths), persistent=False)
+            else:
+                self.register_buffer(table.name, torch.from_numpy(value), persistent=False)
 
     def init_parameters(self) -> None:
         """RecBole's SASRec initialisation over every sub-module (call at the end of ``__init__``)."""
@@ -64,11 +91,12 @@ class SequentialBase(SequentialRecommender):
         return seq_output @ self.all_item_vectors().T
 
     # -- RecBole interface --------------------------------------------------------------------------
-    def _seq_output(self, interaction):
+    def encode(self, interaction):
+        """The user representation of a batch (whole interaction available); default ``forward(item_seq, len)``."""
         return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
 
     def calculate_loss(self, interaction) -> torch.Tensor:
-        seq_output = self._seq_output(interaction)
+        seq_output = self.encode(interaction)
         pos_items = interaction[self.POS_ITEM_ID]
         if self.loss_type == "CE":
             return F.cross_entropy(self.score_all(seq_output), pos_items)
@@ -81,10 +109,10 @@ class SequentialBase(SequentialRecommender):
         )
 
     def predict(self, interaction) -> torch.Tensor:
-        return self.score_items(self._seq_output(interaction), interaction[self.ITEM_ID])
+        return self.score_items(self.encode(interaction), interaction[self.ITEM_ID])
 
     def full_sort_predict(self, interaction) -> torch.Tensor:
-        return self.score_all(self._seq_output(interaction))
+        return self.score_all(self.encode(interaction))
 
 
 class IDSequentialRecommender(SequentialBase):
@@ -114,19 +142,11 @@ class IDSequentialRecommender(SequentialBase):
 class LLMFusedSequentialRecommender(SequentialBase):
     """:class:`SequentialBase` with ``self.item_text_emb`` (frozen ``[n_items, text_dim]`` buffer)."""
 
-    dataset_class = LLMSequentialDataset
+    feature_tables = (FeatureTable("item_text_emb", hook="item_text_embedding", description="item text embeddings"),)
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        if not hasattr(dataset, "item_embedding_table"):
-            raise TypeError(
-                f"{type(self).__name__} needs a dataset built by recbole_llmfuse.create_dataset "
-                f"(an LLMSequentialDataset), got {type(dataset).__name__}; use recbole_llmfuse's "
-                f"run_recbole/create_dataset instead of RecBole's."
-            )
-        table = torch.from_numpy(dataset.item_embedding_table())
-        self.register_buffer("item_text_emb", table, persistent=False)
-        self.text_dim = table.shape[1]
+        self.text_dim = self.item_text_emb.shape[1]
         self._eval_cache = {}
 
     def train(self, mode: bool = True):

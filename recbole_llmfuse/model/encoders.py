@@ -148,7 +148,7 @@ class NARMEncoder(nn.Module):
 
     def __init__(self, config, hidden: int):
         super().__init__()
-        self.gru = nn.GRU(hidden, hidden, num_layers=config["n_layers"] or 1, bias=False, batch_first=True)
+        self.gru = nn.GRU(hidden, hidden, num_layers=config["n_layers"], bias=False, batch_first=True)
         self.a_1, self.a_2 = nn.Linear(hidden, hidden, bias=False), nn.Linear(hidden, hidden, bias=False)
         self.v_t = nn.Linear(hidden, 1, bias=False)
         self.ct_dropout = Dropout(config["dropout_probs"][1] if config["dropout_probs"] else config["hidden_dropout_prob"])
@@ -174,7 +174,7 @@ class SequenceBackbone(nn.Module):
 
     def __init__(self, config, max_seq_length: int, hidden_size: int = None, causal: bool = True, kind: str = None):
         super().__init__()
-        kind = kind or config["backbone"] or "SASRec"
+        kind = kind or config["backbone"]
         if kind not in BACKBONES:
             raise ValueError(f"backbone '{kind}' is not supported; choose one of {BACKBONES}")
         self.kind = kind
@@ -185,7 +185,7 @@ class SequenceBackbone(nn.Module):
         self.LayerNorm = nn.LayerNorm(d, eps=config["layer_norm_eps"]) if kind in POSITIONAL + ("LRURec",) else None
         if kind == "GRU4Rec":
             self.dropout = Dropout(config["dropout_prob"] if config["dropout_prob"] is not None else config["hidden_dropout_prob"])
-            self.gru = nn.GRU(d, d, num_layers=config["num_layers"] or 1, bias=False, batch_first=True)
+            self.gru = nn.GRU(d, d, num_layers=config["num_layers"], bias=False, batch_first=True)
             self.dense = nn.Linear(d, d)
             return
         if kind == "NARM":

@@ -25,13 +25,12 @@ import torch
 from torch import nn
 
 from recbole_llmfuse.config import ConfigError
-from recbole_llmfuse.evaluation import training_counts
+from recbole_llmfuse.data import training_counts
 from recbole_llmfuse.losses import grouped_barlow_twins, info_nce
 from recbole_llmfuse.model.base import LLMFusedSequentialRecommender
 from recbole_llmfuse.model.encoders import SequenceBackbone
 from recbole_llmfuse.model.fusion import TextTokens
 from recbole_llmfuse.model.layers import Dropout
-from recbole_llmfuse.trainer import EpochAwareTrainer
 
 FUSIONS = ("gate", "mean", "id_only")
 
@@ -53,7 +52,7 @@ class GatedFusion(nn.Module):
 
     def __init__(self, n_items: int, dim: int, text_dim: int, config, norm: nn.LayerNorm):
         super().__init__()
-        self.fusion = config["fusion"] or "gate"
+        self.fusion = config["fusion"]
         if self.fusion not in FUSIONS:
             raise ConfigError(f"fusion '{self.fusion}': FAERec supports {FUSIONS}")
         self.id = nn.Embedding(n_items, dim, padding_idx=0)
@@ -100,8 +99,6 @@ class GatedFusion(nn.Module):
 class FAERec(LLMFusedSequentialRecommender):
     """FAERec on a SASRec / FMLPRec / GRU4Rec backbone (see module docstring); ``forward -> [B, d]``."""
 
-    trainer_class = EpochAwareTrainer
-
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         d = config["hidden_size"]
@@ -110,7 +107,7 @@ class FAERec(LLMFusedSequentialRecommender):
         self.fusion = GatedFusion(self.n_items, d, self.text_dim, config, norm)
         self.init_parameters()
         self.fusion.reset_gate_and_adapter()
-        if config["pca_init"] if config["pca_init"] is not None else True:
+        if config["pca_init"]:
             with torch.no_grad():
                 scores = pca_scores(self.item_text_emb[1:], d)
                 self.fusion.id.weight[1:, : scores.shape[1]] = scores
@@ -121,14 +118,14 @@ class FAERec(LLMFusedSequentialRecommender):
         self.fla_lambda = float(config["fla_lambda"])
         self.w_min, self.w_max = float(config["cls_w_min"]), float(config["cls_w_max"])
         self.period = float(config["cls_period"])
-        self.cls_unit = config["cls_unit"] or "epoch"
+        self.cls_unit = config["cls_unit"]
         if self.cls_unit not in ("epoch", "step"):
             raise ConfigError(f"cls_unit '{self.cls_unit}': use epoch or step")
         self.use_ila, self.use_fla = bool(config["use_ila"]), bool(config["use_fla"])
         self.use_cls, self.use_pop_group = bool(config["use_cls"]), bool(config["use_pop_group"])
-        self.align_items = config["align_item_source"] or "unique"
-        self.align_max_items = int(config["align_max_items"] or 0)
-        self.score_fusion = config["score_fusion"] or "asymmetric"
+        self.align_items = config["align_item_source"]
+        self.align_max_items = int(config["align_max_items"])
+        self.score_fusion = config["score_fusion"]
         if self.score_fusion not in ("asymmetric", "symmetric"):
             raise ConfigError(f"score_fusion '{self.score_fusion}': use asymmetric (the authors') or symmetric")
         self.epoch, self.steps = 0, 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -124,17 +123,6 @@ class Expert(nn.Module):
     def score(u: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
         """``u [B, D]`` with ``cand [B, D]`` -> ``[B]``, or ``cand [B, K, D]`` -> ``[B, K]``."""
         return (cand * (u if cand.dim() == 2 else u.unsqueeze(1))).sum(-1)
-
-
-def frequency_buckets(item_counts: np.ndarray, n_buckets: int) -> np.ndarray:
-    """``bucket [n_items]``: 1 (most frequent) .. ``n_buckets`` (coldest); padding 0.
-
-    Rank-based equal-size buckets over (count desc, item id asc), the same rule as the evaluation's
-    popularity buckets; items never seen in training rank last.
-    """
-    from recbole_llmfuse.evaluation import item_groups
-
-    return item_groups(item_counts, 0.0, n_buckets)["bucket"]
 
 
 class FrequencyGate(nn.Module):

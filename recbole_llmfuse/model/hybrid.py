@@ -12,5 +12,5 @@ class Hybrid(SingleExpertRecommender):
     """
 
     def make_tokens(self, config):
-        return FusedTokens(self.n_items, config["hidden_size"], self.text_dim, config["mlp_hidden_sizes"] or [],
-                           config["mlp_dropout_prob"] or 0.0, config["fusion"] or "concat_linear")
+        return FusedTokens(self.n_items, config["hidden_size"], self.text_dim, config["mlp_hidden_sizes"],
+                           config["mlp_dropout_prob"], config["fusion"])

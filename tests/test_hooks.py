@@ -1,0 +1,365 @@
+"""Preparation hooks that can carry GPU-hours of work: one producer under concurrency, users' files kept,
+crash recovery, the training-split boundary, dependencies with chained fingerprints, the record cache,
+auto_run: false, and one-line CLI errors."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from recbole_llmfuse import Config, create_dataset
+from recbole_llmfuse.dataset_prep import hooks
+from recbole_llmfuse.dataset_prep.embed import ItemTextEmbeddingHook
+from recbole_llmfuse.dataset_prep.hooks import (HookConflictError, PrepHook, PrepRequiredError, RecordCache,
+                                                TrainingSplit, atomic_write_text, ensure)
+from recbole_llmfuse.quick_start import build
+
+from conftest import SMALL
+
+BIN = os.path.dirname(sys.executable)
+LOAD_COL = {"inter": ["user_id", "item_id", "timestamp"]}
+
+
+@pytest.fixture
+def folder(small_data_path, tmp_path):
+    dst = tmp_path / "data" / SMALL
+    shutil.copytree(os.path.join(small_data_path, SMALL), dst)
+    return str(dst)
+
+
+def _sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def _leftovers(folder):
+    return glob.glob(os.path.join(folder, f".{SMALL}.itememb.parts-*")) + glob.glob(os.path.join(folder, "*.pending"))
+
+
+@pytest.mark.integration
+def test_two_runs_at_once_encode_once(folder):
+    """Two processes start a model that needs missing embeddings at the same moment: both succeed, the
+    encoder runs once (the other waits on the lock, then finds the file fresh), no parts folder is left."""
+    script = textwrap.dedent(f"""
+        import json, sys
+        import recbole_llmfuse
+        from recbole_llmfuse import Config, create_dataset
+        from recbole_llmfuse.dataset_prep import hooks
+        config = Config("MoRec", "{SMALL}", config_dict={{"data_path": {os.path.dirname(folder)!r},
+                        "load_col": {LOAD_COL!r}, "item_text_embedding": {{"device": "cpu"}}}}, argv=[])
+        ran = hooks.ensure(config, ["item_text_embedding"])
+        table = create_dataset(config).item_embedding_table()
+        print(json.dumps({{"ran": ran, "shape": list(table.shape)}}))
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    results = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+    assert sorted(len(r["ran"]) for r in results) == [0, 1]
+    assert all(r["shape"][1] == 384 for r in results)
+    assert not _leftovers(folder)
+
+
+@pytest.mark.integration
+def test_users_custom_embedding_is_never_overwritten(folder):
+    """`prep embed "item_text_template=Movie {movie_title}"`, then a model with the default template: the run
+    stops naming both settings and the ways out; the file is untouched; prep_stale=use takes it as it is."""
+    proc = subprocess.run([os.path.join(BIN, "recbole-llmfuse"), "prep", "embed", "--dataset", SMALL,
+                           "--data_path", os.path.dirname(folder), "item_text_template=Movie {movie_title}",
+                           "device=cpu", "formats=[npz]"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    npz = os.path.join(folder, f"{SMALL}.itememb.npz")
+    manifest = json.load(open(npz + ".manifest.json"))
+    assert manifest["fingerprint"]["params"]["item_text_template"] == "Movie {movie_title}"
+    digest, mtime = _sha(npz), os.path.getmtime(npz)
+    cfg = {"data_path": os.path.dirname(folder), "load_col": LOAD_COL, "item_text_embedding": {"device": "cpu"}}
+    with pytest.raises(HookConflictError) as err:
+        create_dataset(Config("MoRec", SMALL, config_dict=cfg, argv=[]))
+    message = str(err.value)
+    assert "item_text_template='Movie {movie_title}'" in message and "item_text_template=None" in message
+    assert "--prep_stale=use" in message and "--force" in message
+    assert _sha(npz) == digest and os.path.getmtime(npz) == mtime
+    table = create_dataset(Config("MoRec", SMALL, config_dict={**cfg, "prep_stale": "use"}, argv=[])).item_embedding_table()
+    assert table.shape[1] == 384 and _sha(npz) == digest
+    # the same setting through the CLI without --force: refused with one line, exit 2
+    proc = subprocess.run([os.path.join(BIN, "recbole-llmfuse"), "prep", "embed", "--dataset", SMALL,
+                           "--data_path", os.path.dirname(folder), "device=cpu"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "--force" in proc.stderr
+    assert _sha(npz) == digest
+
+
+@pytest.mark.integration
+def test_killed_shard_200_run_then_default_run_recovers(folder):
+    """A `prep embed shard_size=200` killed after its first part file; the model's default run then embeds
+    (parts keyed by shard size never mix), writes the manifest and leaves no parts folder or marker."""
+    cmd = [os.path.join(BIN, "recbole-llmfuse"), "prep", "embed", "--dataset", SMALL, "--data_path",
+           os.path.dirname(folder), "shard_size=200", "batch_size=1", "device=cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not glob.glob(os.path.join(folder, f".{SMALL}.itememb.parts-*", "part-*.npz")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert glob.glob(os.path.join(folder, f".{SMALL}.itememb.parts-*", "part-*.npz")), "the run finished before the kill"
+    assert os.path.exists(os.path.join(folder, f"{SMALL}.itememb.npz.pending"))
+    assert not os.path.exists(os.path.join(folder, f"{SMALL}.itememb.npz"))
+    cfg = {"data_path": os.path.dirname(folder), "load_col": LOAD_COL, "item_text_embedding": {"device": "cpu"}}
+    table = create_dataset(Config("MoRec", SMALL, config_dict=cfg, argv=[])).item_embedding_table()
+    assert table.shape[1] == 384
+    assert ItemTextEmbeddingHook(folder, SMALL, {"device": "cpu"}).status() == "fresh"
+    assert not _leftovers(folder)
+
+
+def test_failed_run_leaves_no_empty_parts_folder_and_force_starts_clean(folder, monkeypatch):
+    from recbole_llmfuse.dataset_prep import embed
+
+    def broken(params):
+        raise RuntimeError("model failed to load")
+
+    monkeypatch.setattr(embed, "make_encoder", broken)
+    hook = ItemTextEmbeddingHook(folder, SMALL, {"device": "cpu"})
+    with pytest.raises(RuntimeError):
+        hook.produce()
+    assert not _leftovers(folder) and hook.status() == "missing"
+    monkeypatch.undo()
+    # killed after the outputs were written, before the manifest: ours, redone, never taken for the user's
+    monkeypatch.setattr(ItemTextEmbeddingHook, "write_manifest", lambda self, extra=None: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        hook.produce(progress=False)
+    assert os.path.exists(hook.outputs()[0]) and hook.status() == "pending"
+    monkeypatch.undo()
+    stale = os.path.join(folder, f".{SMALL}.itememb.parts-0123456789abcdef-s7")
+    os.makedirs(stale)
+    open(os.path.join(stale, "part-00000.npz"), "w").write("garbage")
+    hook.produce(force=True, progress=False)
+    assert hook.status() == "fresh" and not _leftovers(folder)
+
+
+def test_split_view_holds_training_interactions_only(small_cfg):
+    config = Config("FastSASRec", SMALL, config_dict=small_cfg(), argv=[])
+    split = TrainingSplit(config)
+    _, _, train_data, valid_data, test_data = build(config)
+    dataset = test_data.dataset
+    held_out = set()
+    for data in (valid_data, test_data):
+        inter = data.dataset.inter_feat
+        users = dataset.id2token(dataset.uid_field, inter[dataset.uid_field].numpy())
+        items = dataset.id2token(dataset.iid_field, inter[dataset.iid_field].numpy())
+        held_out |= set(zip(users, items))
+    seen = set(zip(split.users.tolist(), split.items.tolist()))
+    assert held_out and not held_out & seen
+    n_all = sum(1 for _ in open(os.path.join(config["data_path"], f"{SMALL}.inter"))) - 1
+    assert len(split.users) == n_all - len(held_out)  # every other interaction is there
+    # the last training item of each user comes before that user's held-out ones
+    histories = split.user_histories()
+    assert len(histories) == len({u for u, _ in held_out})
+
+
+class Upstream(PrepHook):
+    name = "toy_upstream"
+    defaults = {"scale": 1.0}
+
+    def outputs(self):
+        return [os.path.join(self.data_path, f"{self.dataset}.toyup.json")]
+
+    def run(self, **_):
+        atomic_write_text(self.outputs()[0], json.dumps({"scale": self.params["scale"]}))
+        self.write_manifest()
+        return {"ok": True}
+
+
+class Downstream(PrepHook):
+    """Counts each item's training interactions times the upstream scale: reads the split and the upstream."""
+
+    name = "toy_downstream"
+    requires = ("toy_upstream",)
+    uses_split = True
+    defaults = {}
+
+    def outputs(self):
+        return [os.path.join(self.data_path, f"{self.dataset}.toydown.json")]
+
+    def run(self, **_):
+        scale = json.load(open(os.path.join(self.data_path, f"{self.dataset}.toyup.json")))["scale"]
+        counts = {}
+        for item in self.split.items.tolist():
+            counts[item] = counts.get(item, 0) + scale
+        atomic_write_text(self.outputs()[0], json.dumps(counts))
+        self.write_manifest()
+        return {"ok": True}
+
+
+class Unrelated(Upstream):
+    name = "toy_unrelated"
+
+    def outputs(self):
+        return [os.path.join(self.data_path, f"{self.dataset}.toyother.json")]
+
+
+class Expensive(Upstream):
+    name = "toy_expensive"
+    defaults = {"scale": 1.0, "auto_run": False}
+
+    def outputs(self):
+        return [os.path.join(self.data_path, f"{self.dataset}.toyexp.json")]
+
+
+@pytest.fixture
+def toy_hooks(monkeypatch):
+    real = hooks.builtin_hooks
+    monkeypatch.setattr(hooks, "builtin_hooks", lambda: {**real(), **{h.name: h for h in (Upstream, Downstream, Unrelated, Expensive)}})
+
+
+def test_dependencies_chain_fingerprints_and_rerun_only_what_depends(small_cfg, toy_hooks):
+    def config(**params):
+        return Config("FastSASRec", SMALL, config_dict=small_cfg(prep_hooks=["toy_downstream", "toy_unrelated"],
+                                                                 prep_stale="rerun", **params), argv=[])
+
+    assert ensure(config()) == ["toy_upstream", "toy_downstream", "toy_unrelated"]  # upstream first
+    assert ensure(config()) == []
+    down = hooks.make_hook("toy_downstream", config())
+    hooks.resolve(config(), ["toy_downstream"])
+    up_digest = hooks.make_hook("toy_upstream", config()).fingerprint_digest()
+    assert down.manifest()["fingerprint"]["inputs"] == {"toy_upstream": up_digest}
+    assert "training_split" in down.manifest()["fingerprint"]
+    # changing the upstream's settings reruns it and its dependant, not the unrelated hook
+    assert ensure(config(toy_upstream={"scale": 2.0})) == ["toy_upstream", "toy_downstream"]
+    counts = json.load(open(down.outputs()[0]))
+    assert set(counts.values()) <= {2.0 * k for k in range(1, 1000)}
+    # without prep_stale: rerun, other upstream settings are an error, not a silent rebuild
+    with pytest.raises(HookConflictError, match="scale=2.0.*scale=3.0"):
+        ensure(Config("FastSASRec", SMALL, config_dict=small_cfg(prep_hooks=["toy_downstream"],
+                                                                 toy_upstream={"scale": 3.0}), argv=[]))
+
+
+def test_expensive_hook_is_not_started_by_a_model_run(small_cfg, toy_hooks):
+    config = Config("FastSASRec", SMALL, config_dict=small_cfg(prep_hooks=["toy_expensive"]), argv=[])
+    with pytest.raises(PrepRequiredError, match=r"does not run by itself .*`recbole-llmfuse prep hook toy_expensive "
+                                                r"--dataset ml-small --data_path \S+`"):
+        ensure(config)
+    hooks.make_hook("toy_expensive", config).produce()
+    assert ensure(config) == []
+
+
+def test_record_cache_resumes_and_counts(tmp_path):
+    cache = RecordCache(str(tmp_path / "c.sqlite"))
+    keys = [RecordCache.key("hf", "model-sha", f"prompt {i}", {"temperature": 0}) for i in range(5)]
+    assert RecordCache.key("hf", "model-sha", "prompt 0", {"temperature": 0}) == keys[0]
+    assert RecordCache.key("hf", "model-sha", "prompt 0", {"temperature": 1}) != keys[0]
+    generated = []
+
+    def generate(todo, fail_after=None):
+        found = cache.get_many(todo)
+        for n, k in enumerate(k for k in todo if k not in found):
+            if fail_after is not None and n == fail_after:
+                raise KeyboardInterrupt
+            generated.append(k)
+            cache.put_many({k: {"text": f"profile {k[:6]}"}})
+        return {**found, **cache.get_many([k for k in todo if k not in found])}
+
+    with pytest.raises(KeyboardInterrupt):
+        generate(keys, fail_after=3)  # killed after 3 records
+    assert len(cache) == 3 and len(generated) == 3
+    cache = RecordCache(cache.path)  # the rerun (a new process) opens the same file
+    out = generate(keys)
+    assert len(generated) == 5 and len(out) == 5  # only the 2 missing were generated
+    assert (cache.hits, cache.misses) == (3 + 2, 2)
+
+
+def test_prep_cli_errors_are_one_line(folder):
+    where = ["--dataset", SMALL, "--data_path", os.path.dirname(folder)]
+    for args, words in ((["hook", "no_such_hook", *where], "unknown prep hook 'no_such_hook'"),
+                        (["embed", *where, "no_such_param=1"], "unknown parameter(s) ['no_such_param']"),
+                        (["embed", *where, "item_text_fields=[nope]"], "item_text_fields names ['nope']")):
+        proc = subprocess.run([os.path.join(BIN, "recbole-llmfuse"), "prep", *args],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-1500:]
+        assert len(proc.stderr.strip().splitlines()) == 1 and words in proc.stderr
+        assert not _leftovers(folder) and not os.path.exists(os.path.join(folder, f"{SMALL}.itememb.npz"))
+
+
+class ItemTokens(PrepHook):
+    """Writes a ragged table: each item's 'token ids' (its id's digits), as a tokenizer hook would."""
+
+    name = "toy_item_tokens"
+    defaults = {}
+
+    def outputs(self):
+        return [os.path.join(self.data_path, f"{self.dataset}.toytokens.npz")]
+
+    def run(self, **_):
+        from recbole_llmfuse.dataset_prep.item_text import read_item_file
+        from recbole_llmfuse.dataset_prep.itememb import Ragged, write_table
+
+        _, rows = read_item_file(os.path.join(self.data_path, f"{self.dataset}.item"))
+        tokens = [r["item_id"] for r in rows]
+        ids = [[int(c) for c in t] for t in tokens]
+        write_table(self.outputs()[0], tokens, Ragged(np.concatenate(ids), np.cumsum([0] + [len(i) for i in ids])))
+        self.write_manifest()
+        return {"ok": True}
+
+
+class UserVectors(PrepHook):
+    """Writes a user table from the training split only: [number of training items, mean item id]."""
+
+    name = "toy_user_vectors"
+    uses_split = True
+    defaults = {}
+
+    def outputs(self):
+        return [os.path.join(self.data_path, f"{self.dataset}.toyusers.npz")]
+
+    def run(self, **_):
+        from recbole_llmfuse.dataset_prep.itememb import write_table
+
+        hist = self.split.user_histories()
+        users = sorted(hist)
+        vectors = np.array([[len(hist[u]), np.mean([int(i) for i in hist[u]])] for u in users], dtype=np.float32)
+        write_table(self.outputs()[0], users, vectors, kind="user")
+        self.write_manifest()
+        return {"ok": True}
+
+
+def test_declared_ragged_and_user_tables_load_row_aligned(small_cfg, monkeypatch):
+    """A model declares a ragged item table and a user table; both hooks run, and the buffers are row-aligned
+    with RecBole's internal ids (checked against the tokens), the user table built from the training split."""
+    import torch
+
+    from recbole_llmfuse import registry
+    from recbole_llmfuse.data import FeatureTable
+    from recbole_llmfuse.model.fast_sasrec import FastSASRec
+
+    class WithTables(FastSASRec):
+        config_file = registry.model_config_file(FastSASRec)
+        feature_tables = (FeatureTable("item_tokens", hook="toy_item_tokens", ragged=True),
+                          FeatureTable("user_vec", hook="toy_user_vectors", kind="user", options="user_emb"))
+
+    real_hooks, real_model = hooks.builtin_hooks, registry.get_model
+    monkeypatch.setattr(hooks, "builtin_hooks", lambda: {**real_hooks(), "toy_item_tokens": ItemTokens,
+                                                         "toy_user_vectors": UserVectors})
+    monkeypatch.setattr(registry, "get_model", lambda name: WithTables if name == "WithTables" else real_model(name))
+    config = Config("WithTables", SMALL, config_dict=small_cfg(user_emb_format="npz", user_emb_dim=2,
+                                                               user_emb_missing="error"), argv=[])
+    dataset, model, train_data, _, _ = build(config)
+    assert isinstance(model.item_tokens, torch.Tensor) and model.item_tokens_len.shape == (dataset.item_num,)
+    for internal in (1, 7, dataset.item_num - 1):
+        token = dataset.id2token(dataset.iid_field, internal)
+        n = int(model.item_tokens_len[internal])
+        assert model.item_tokens[internal, :n].tolist() == [int(c) for c in token]
+        assert (model.item_tokens[internal, n:] == -1).all()
+    split = TrainingSplit(config)
+    for internal in (1, 5, dataset.user_num - 1):
+        token = dataset.id2token(dataset.uid_field, internal)
+        n_train = int((split.users == token).sum())
+        assert model.user_vec[internal, 0].item() == n_train  # training interactions only
+    assert not model.user_vec[0].any() and not model.item_tokens_len[0]
