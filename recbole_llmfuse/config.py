@@ -19,6 +19,7 @@ import os
 import re
 from typing import List, Optional
 
+import yaml
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import InputType, ModelType
 
@@ -76,6 +77,20 @@ class Config(RecBoleConfig):
         if self._argv is None:
             return super()._load_cmd_line()
         return self._convert_config_dict(parse_overrides(self._argv))
+
+    def _convert_config_dict(self, config_dict):
+        """RecBole's conversion (Python literals), then YAML for the flow mappings and lists users write on a
+        command line like in a config file: ``--item_tokens={item_text_fields: [title, brand]}``."""
+        config_dict = super()._convert_config_dict(config_dict)
+        for key, value in config_dict.items():
+            if isinstance(value, str) and value.strip()[:1] in ("{", "["):
+                try:
+                    parsed = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    continue
+                if isinstance(parsed, (dict, list)):
+                    config_dict[key] = parsed
+        return config_dict
 
     def _check_override_types(self):
         """A numeric/bool default overridden by a string that did not parse is a typo: say so."""

@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from logging import getLogger
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import recbole
@@ -57,6 +57,35 @@ def materialize_embedded(name: str, target_dir: str) -> bool:
         raise
     getLogger().info(f"copied the embedded {name} dataset to {target_dir}")
     return True
+
+
+def write_ml100k_slice(root: str, name: str, users: int, last: Optional[int] = None) -> str:
+    """``<root>/<name>/<name>.{inter,item}``: the embedded ml-100k's first ``users`` users (by id), each with
+    only their ``last`` interactions in time when given, and the items they touched. For CPU-sized runs
+    and examples; returns the folder (kept if it exists)."""
+    folder = os.path.join(root, name)
+    if os.path.isfile(os.path.join(folder, f"{name}.inter")):
+        return folder
+    src = embedded_dataset_dir("ml-100k")
+    rows: dict = {}
+    with open(os.path.join(src, "ml-100k.inter")) as f:
+        header = f.readline()
+        for line in f:
+            user, item, _, stamp = line.rstrip("\n").split("\t")
+            if int(user) <= users:
+                rows.setdefault(user, []).append((float(stamp), item, line))
+    os.makedirs(folder, exist_ok=True)
+    items = set()
+    with open(os.path.join(folder, f"{name}.inter"), "w") as f:
+        f.write(header)
+        for seq in rows.values():
+            for _, item, line in sorted(seq)[-last if last else 0:]:
+                f.write(line)
+                items.add(item)
+    with open(os.path.join(src, "ml-100k.item")) as f_in, open(os.path.join(folder, f"{name}.item"), "w") as f_out:
+        f_out.write(f_in.readline())
+        f_out.writelines(line for line in f_in if line.split("\t", 1)[0] in items)
+    return folder
 
 
 def _check_atomic_files(config) -> None:

@@ -252,6 +252,7 @@ class Trainer(TrainerMixin, RecBoleTrainer):
         multi = len(self._optimizers) > 1
         total_loss = None
         terms: Dict[str, float] = defaultdict(float)
+        tokens, epoch_start = 0, time.perf_counter()
         for batch_idx, interaction in enumerate(iter_data):
             stepped = set()
             interaction = interaction.to(self.device)
@@ -311,6 +312,9 @@ class Trainer(TrainerMixin, RecBoleTrainer):
                     scaler.update()
                     opt.zero_grad()  # the batch's next step (alternating models) starts from its own loss
                     stepped.add(group)
+            if show_progress and hasattr(self.model, "take_token_count"):  # LLM models: throughput in the bar
+                tokens += self.model.take_token_count()
+                iter_data.set_postfix_str(f"{tokens / (time.perf_counter() - epoch_start):.0f} tokens/s")
             for group in stepped:  # one schedule step per batch and optimizer, however many steps it took
                 if group in self._schedulers:
                     self._schedulers[group].step()

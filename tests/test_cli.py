@@ -61,3 +61,16 @@ def test_models_subcommand_lists_every_source():
     assert proc.returncode == 0, proc.stderr
     rows = dict(line.split("\t") for line in proc.stdout.splitlines())
     assert rows["FastSASRec"] == "recbole-llmfuse" and rows["SASRec"] == "recbole"
+
+
+def test_dict_and_list_overrides_are_read_as_users_write_them():
+    """`--item_tokens={item_text_fields: [title, brand]}` (YAML flow, as in a config file) and Python literals both
+    arrive as dicts/lists; plain strings stay strings."""
+    from recbole_llmfuse import Config
+
+    config = Config("FastSASRec", "ml-100k", argv=["--item_tokens={item_text_fields: [title, brand], max_attr_tokens: 8}",
+                                                   "--sasrec_item_table={'epochs': 3}", "--topk=[5, 10]",
+                                                   "--valid_metric=NDCG@10"])
+    assert config["item_tokens"] == {"item_text_fields": ["title", "brand"], "max_attr_tokens": 8}
+    assert config["sasrec_item_table"] == {"epochs": 3} and config["topk"] == [5, 10]
+    assert config["valid_metric"] == "NDCG@10"

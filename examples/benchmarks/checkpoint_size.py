@@ -26,6 +26,8 @@ from recbole_llmfuse.trainer import Trainer
 
 
 class WithFrozenModule(FastSASRec):
+    config_file = registry.model_config_file(FastSASRec)
+
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         width = 10_000

@@ -13,27 +13,7 @@ import os
 import tempfile
 
 import recbole_llmfuse
-from recbole_llmfuse.data import embedded_dataset_dir
-
-
-def ml_slice(root: str, users: int = 300) -> None:
-    out = os.path.join(root, "ml-small")
-    if os.path.isdir(out):
-        return
-    os.makedirs(out)
-    src, items = embedded_dataset_dir("ml-100k"), set()
-    with open(os.path.join(src, "ml-100k.inter")) as fi, open(os.path.join(out, "ml-small.inter"), "w") as fo:
-        fo.write(fi.readline())
-        for line in fi:
-            u, i = line.split("\t", 2)[:2]
-            if int(u) <= users:
-                fo.write(line)
-                items.add(i)
-    with open(os.path.join(src, "ml-100k.item")) as fi, open(os.path.join(out, "ml-small.item"), "w") as fo:
-        fo.write(fi.readline())
-        for line in fi:
-            if line.split("\t", 1)[0] in items:
-                fo.write(line)
+from recbole_llmfuse.data import write_ml100k_slice
 
 
 def main(argv=None):
@@ -42,7 +22,7 @@ def main(argv=None):
     parser.add_argument("--out", required=True)
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "llmfuse-fixed-seed"))
     args = parser.parse_args(argv)
-    ml_slice(os.path.join(args.work, "data"))
+    write_ml100k_slice(os.path.join(args.work, "data"), "ml-small", users=300)
     out = {}
     for model in args.models.split(","):
         cfg = {"data_path": os.path.join(args.work, "data"), "load_col": {"inter": ["user_id", "item_id", "timestamp"]},

@@ -150,8 +150,14 @@ class HDRec(SequentialBase):
         batches = max(1, math.ceil(n_rows / config["train_batch_size"]))
         self.align_per_batch = math.ceil(self.n_real / batches) if self.use_align else 0
         self._align_order, self._align_next = torch.randperm(self.n_real) + 1, 0
+        self._tokens = 0
 
     # -- assembly ------------------------------------------------------------------------------------------
+    def take_token_count(self) -> int:
+        """Decoder tokens processed since the last call (the trainer's progress bar shows tokens/s)."""
+        count, self._tokens = self._tokens, 0
+        return count
+
     def on_epoch_start(self, epoch: int) -> None:
         self._align_order, self._align_next = torch.randperm(self.n_real) + 1, 0
 
@@ -226,13 +232,33 @@ class HDRec(SequentialBase):
                 emb[where] = special[row].to(emb.dtype).expand(int(where.sum()), -1)
         self.llm.set_adapter(adapter)
         states = self.llm(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+        self._tokens += int(mask.sum())
         b = torch.tensor([i for i, q in enumerate(queries) for _ in q], device=device)
         p = torch.tensor([j for q in queries for j in q], device=device)
         return states[b, p], queries
 
+    def states(self, rows: list, adapter: str) -> torch.Tensor:
+        """:meth:`hidden_at_queries` over rows grouped by length (one decoder forward per group of rows within
+        1.5x of each other's length): short alignment rows are not padded to the sequence rows' length.
+        Returns ``[R_q, H]`` in the rows' order."""
+        lengths = [sum(len(p) if k == TEXT else 1 for k, p in r) for r in rows]
+        groups, current = [], []
+        for i in sorted(range(len(rows)), key=lengths.__getitem__):
+            if current and lengths[i] > 1.5 * lengths[current[0]]:
+                groups.append(current)
+                current = []
+            current.append(i)
+        groups.append(current)
+        per_row = [None] * len(rows)
+        for group in groups:
+            hidden, queries = self.hidden_at_queries([rows[i] for i in group], adapter)
+            for i, h in zip(group, hidden.split([len(q) for q in queries])):
+                per_row[i] = h
+        return torch.cat(per_row)
+
     def logits(self, rows: list, process: str) -> torch.Tensor:
         """IPL logits ``[R_q, N]`` (fp32) of one process at every query position of ``rows``."""
-        hidden, _ = self.hidden_at_queries(rows, self.adapter_of[process])
+        hidden = self.states(rows, self.adapter_of[process])
         ipl = self.ipl_id if (process == "id" and self.ipl_id is not None) else self.ipl
         return ipl(hidden)
 
