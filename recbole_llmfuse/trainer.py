@@ -254,7 +254,7 @@ class Trainer(TrainerMixin, RecBoleTrainer):
         terms: Dict[str, float] = defaultdict(float)
         tokens, epoch_start = 0, time.perf_counter()
         for batch_idx, interaction in enumerate(iter_data):
-            stepped = set()
+            stepped, yielded = set(), set()
             interaction = interaction.to(self.device)
             window_start = batch_idx % accum == 0
             window_end = (batch_idx + 1) % accum == 0 or batch_idx + 1 == n_batches
@@ -275,6 +275,11 @@ class Trainer(TrainerMixin, RecBoleTrainer):
                 if group not in self._optimizers:
                     raise ConfigError(f"{type(self.model).__name__}.train_steps yielded group '{group}', "
                                       f"optimizers are {list(self._optimizers)}")
+                if accum > 1 and group in yielded:
+                    # the steps' gradients would pile up in one buffer between optimizer steps (HDRec spec §4.2)
+                    raise ConfigError(f"grad_accum_steps: {accum} with {type(self.model).__name__}, whose batches step "
+                                      f"optimizer '{group}' more than once: use grad_accum_steps: 1")
+                yielded.add(group)
                 if isinstance(losses, dict):
                     loss = sum(losses.values())
                     for name, value in losses.items():

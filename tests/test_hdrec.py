@@ -265,6 +265,16 @@ def test_padding_and_length_grouping_do_not_change_a_rows_scores(built):
     assert torch.allclose(grouped, one_forward, atol=1e-5)
 
 
+def test_accumulation_across_alternating_steps_is_refused(tiny):
+    """Accumulating over batches would pile the ID and text steps' gradients into one buffer (spec §4.2)."""
+    from recbole_llmfuse.config import ConfigError
+
+    config = _config(tiny, grad_accum_steps=2)
+    _, model, train_data, _, _ = build(config)
+    with pytest.raises(ConfigError, match="grad_accum_steps: 2 .* more than once: use grad_accum_steps: 1"):
+        make_trainer(config, model)._train_epoch(train_data, 0)
+
+
 @pytest.mark.parametrize("variant", [{"processes": ["text"]}, {"processes": ["id"]}, {"dla": False},
                                      {"kl_weight": 0.0}, {"lora_mode": "single"}, {"dual_ipl": True},
                                      {"early_fusion": True}, {"fusion": "both"}])
