@@ -385,8 +385,9 @@ def builtin_hooks() -> Dict[str, Type[PrepHook]]:
     from recbole_llmfuse.dataset_prep.embed import ItemTextEmbeddingHook
     from recbole_llmfuse.dataset_prep.item_tokens import ItemTokensHook
     from recbole_llmfuse.dataset_prep.pretrained_ids import SASRecItemTableHook
+    from recbole_llmfuse.dataset_prep.profiles import ProfilesHook
 
-    return {h.name: h for h in (ItemTextEmbeddingHook, ItemTokensHook, SASRecItemTableHook)}
+    return {h.name: h for h in (ItemTextEmbeddingHook, ItemTokensHook, SASRecItemTableHook, ProfilesHook)}
 
 
 def get_hook(name: str) -> Type[PrepHook]:

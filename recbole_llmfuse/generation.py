@@ -1,0 +1,136 @@
+"""Text generation for preparation hooks (PtE's profiles): one interface, cached per record.
+
+A backend turns a list of requests into texts. A request is a dict with ``prompt`` (the text an LLM reads)
+and ``fields`` (the structured values the prompt was made from, which the ``template`` backend formats
+without an LLM). Backends:
+
+* ``template`` — ``template.format(**fields)``: deterministic profile text from titles/genres, no LLM (tests, a
+  baseline);
+* ``hf`` — any local Hugging Face causal LM (``llm_path`` rules of :mod:`recbole_llmfuse.llm`, GGUF included),
+  batched ``model.generate`` over length-sorted, left-padded batches, greedy or sampled, optional PEFT adapter
+  (a tuned profiler plugs in here), chat template when the tokenizer has one; a progress bar with tokens/s.
+
+:func:`cached_generate` keys every request by (backend fingerprint, prompt, sampling settings) in a
+:class:`~recbole_llmfuse.dataset_prep.hooks.RecordCache`: a rerun generates nothing, an interrupted run
+resumes with the records it committed (each batch is committed as it finishes).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Dict, List, Optional
+
+from recbole_llmfuse.config import ConfigError
+
+
+class TemplateGenerator:
+    """``template.format(**request["fields"])`` for every request."""
+
+    def __init__(self, template: str, **_):
+        self.template = template
+
+    def fingerprint(self) -> str:
+        return "template:" + hashlib.sha256(self.template.encode()).hexdigest()
+
+    def generate(self, requests: List[dict], sampling: dict) -> List[str]:
+        try:
+            return [self.template.format(**r["fields"]) for r in requests]
+        except KeyError as err:
+            raise ConfigError(f"template backend: the template names {err}, which the requests do not have; "
+                              f"fields: {sorted(requests[0]['fields'])}") from None
+
+
+class HFGenerator:
+    """Batched generation with a local causal LM (see module docstring)."""
+
+    def __init__(self, model: str, gguf_file: Optional[str] = None, adapter: Optional[str] = None,
+                 device: Optional[str] = None, dtype: Optional[str] = None, batch_size: int = 8,
+                 chat_template: bool = True, progress: bool = True, **_):
+        from transformers import AutoModelForCausalLM
+
+        from recbole_llmfuse.llm import default_device, default_gguf_file, load_tokenizer, resolve_model_path, torch_dtype
+
+        self.device = device or default_device()
+        self.tokenizer = load_tokenizer(model, gguf_file)
+        self.tokenizer.padding_side = "left"  # generation continues every row from its last token
+        gguf_file = default_gguf_file(model, gguf_file)
+        kwargs = {"torch_dtype": torch_dtype(dtype, self.device)}
+        if gguf_file:
+            from transformers import GgufConfig
+
+            kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
+        self.model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), **kwargs).to(self.device).eval()
+        if adapter:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, adapter).eval()
+        self.name = f"hf:{model}|{gguf_file}|{adapter}"
+        self.batch_size, self.chat, self.progress = int(batch_size), bool(chat_template), progress
+
+    def fingerprint(self) -> str:
+        from recbole_llmfuse.llm import tokenizer_fingerprint
+
+        return self.name + ":" + tokenizer_fingerprint(self.tokenizer)[:16]
+
+    def render(self, prompt: str) -> str:
+        if self.chat and getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                      add_generation_prompt=True)
+        return prompt
+
+    def generate(self, requests: List[dict], sampling: dict) -> List[str]:
+        import torch
+        from tqdm.auto import tqdm
+
+        texts = [self.render(r["prompt"]) for r in requests]
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # similar lengths share a batch
+        out: List[Optional[str]] = [None] * len(texts)
+        bar = tqdm(total=len(texts), unit="record", desc="generating", disable=not self.progress)
+        made, start = 0, time.perf_counter()
+        do_sample = float(sampling.get("temperature", 0.0)) > 0
+        kwargs = {"max_new_tokens": int(sampling.get("max_new_tokens", 128)), "do_sample": do_sample,
+                  "pad_token_id": self.tokenizer.pad_token_id}
+        if do_sample:
+            kwargs.update(temperature=float(sampling["temperature"]), top_p=float(sampling.get("top_p", 1.0)))
+            torch.manual_seed(int(sampling.get("seed", 0)))
+        for b in range(0, len(order), self.batch_size):
+            idx = order[b:b + self.batch_size]
+            enc = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
+                                 add_special_tokens=not self.chat).to(self.device)
+            enc.pop("token_type_ids", None)  # BERT-style tokenizers add it; causal LMs take no such input
+            with torch.no_grad():
+                gen = self.model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1]:]
+            for i, row in zip(idx, gen):
+                out[i] = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+            made += int((gen != self.tokenizer.pad_token_id).sum())
+            bar.update(len(idx))
+            bar.set_postfix_str(f"{made / (time.perf_counter() - start):.1f} tokens/s")
+        bar.close()
+        return out
+
+
+BACKENDS = {"template": TemplateGenerator, "hf": HFGenerator}
+
+
+def make_generator(backend: str, **params):
+    if backend not in BACKENDS:
+        raise ConfigError(f"generation backend '{backend}': choose one of {sorted(BACKENDS)}")
+    return BACKENDS[backend](**params)
+
+
+def cached_generate(generator, requests: List[dict], sampling: dict, cache, chunk: int = 32) -> Dict[str, object]:
+    """Texts of ``requests`` (in order) from ``cache`` where present, else generated ``chunk`` at a time and
+    committed as each chunk finishes. Returns ``{"texts": [...], "generated": n, "cached": n}``."""
+    fp = generator.fingerprint()
+    keys = [cache.key(fp, r["prompt"] if "prompt" in r else json.dumps(r["fields"], sort_keys=True), sampling)
+            for r in requests]
+    found = cache.get_many(keys)
+    todo = [i for i, k in enumerate(keys) if k not in found]
+    for start in range(0, len(todo), chunk):
+        part = todo[start:start + chunk]
+        texts = generator.generate([requests[i] for i in part], sampling)
+        fresh = {keys[i]: t for i, t in zip(part, texts)}
+        cache.put_many(fresh)
+        found.update(fresh)
+    return {"texts": [found[k] for k in keys], "generated": len(todo), "cached": len(keys) - len(todo)}
