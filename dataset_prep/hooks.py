@@ -297,15 +297,19 @@ class PrepHook:
         if not os.path.exists(self.outputs()[0]):
             return "missing"
         made = manifest.get("fingerprint", {}).get("params")
-        if made != json.loads(json.dumps(self.fingerprint()["params"], default=str)):
+        if made != self._wanted_params():
             return "conflict"
         if not all(os.path.exists(p) for p in self.required_outputs()):
             return "missing"
         return "fresh" if manifest.get("digest") == self.fingerprint_digest() else "stale"
 
+    def _wanted_params(self) -> dict:
+        """This run's shaping parameters as a manifest stores them (through JSON)."""
+        return json.loads(json.dumps(self.fingerprint()["params"], default=str))
+
     def conflict_message(self) -> str:
         made = (self.manifest() or {}).get("fingerprint", {}).get("params", {})
-        wanted = json.loads(json.dumps(self.fingerprint()["params"], default=str))
+        wanted = self._wanted_params()
         diff = {k for k in set(made) | set(wanted) if made.get(k) != wanted.get(k)}
         made_s = ", ".join(f"{k}={made.get(k)!r}" for k in sorted(diff))
         wanted_s = ", ".join(f"{k}={wanted.get(k)!r}" for k in sorted(diff))

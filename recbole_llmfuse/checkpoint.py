@@ -17,7 +17,7 @@ analysis tools): a missing key that is not frozen, or an unexpected key, is an e
 from __future__ import annotations
 
 import os
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -65,16 +65,13 @@ def checkpoint_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k not in skip}
 
 
-def load_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str = "checkpoint",
-               allow_missing: Iterable[str] = ()) -> None:
-    """Load a lean state into ``model``; frozen tensors (and keys starting with ``allow_missing``) may be absent."""
+def load_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load a lean state into ``model``; only frozen tensors may be absent."""
     if hasattr(model, "load_checkpoint_state"):
         model.load_checkpoint_state(state)
         return
     missing, unexpected = model.load_state_dict(state, strict=False)
-    prefixes = tuple(allow_missing)
     lacking = sorted(set(missing) - frozen_keys(model))
-    lacking = [k for k in lacking if not (prefixes and k.startswith(prefixes))]
     if lacking or unexpected:
         raise CheckpointError(
             f"{source} does not fit {type(model).__name__}: "
@@ -91,10 +88,10 @@ def read(path: str, map_location="cpu") -> dict:
     return trusted_torch_load(path, map_location=map_location)
 
 
-def load_weights(model: nn.Module, path: str, map_location="cpu", allow_missing: Iterable[str] = ()) -> dict:
+def load_weights(model: nn.Module, path: str, map_location="cpu") -> dict:
     """Load a checkpoint's weights (and RecBole's ``other_parameter``) into ``model``; returns the checkpoint."""
     checkpoint = read(path, map_location)
-    load_state(model, checkpoint["state_dict"], source=path, allow_missing=allow_missing)
+    load_state(model, checkpoint["state_dict"], source=path)
     if hasattr(model, "load_other_parameter"):
         model.load_other_parameter(checkpoint.get("other_parameter"))
     return checkpoint
