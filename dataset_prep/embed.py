@@ -156,7 +156,7 @@ class ItemTextEmbeddingHook(PrepHook):
     def required_outputs(self) -> List[str]:
         return self.outputs()[:1]  # the text twin is a convenience: its absence never triggers hours of work
 
-    def table_files(self):
+    def table_files(self, output: str = ""):
         text, npz = itememb.paths(self.data_path, self.dataset, self.params["suffix"])
         return npz, text
 

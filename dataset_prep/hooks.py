@@ -80,6 +80,13 @@ def _read_yaml(path: str) -> dict:
         return yaml.safe_load(f) or {}
 
 
+def torch_index(mask):
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.flatnonzero(mask))
+
+
 class TrainingSplit:
     """The training interactions of ``config``'s split, as original tokens: what a hook may learn from.
 
@@ -97,12 +104,29 @@ class TrainingSplit:
         import numpy as np
         from recbole.data.dataset import Dataset
 
+        from recbole_llmfuse.data import check_protocol, cold_start_user_groups
+
         dataset = Dataset(self.config)
-        train = dataset.build()[0].inter_feat
         uid, iid, tid = dataset.uid_field, dataset.iid_field, dataset.time_field
-        users = np.asarray(dataset.id2token(uid, train[uid].numpy()), dtype=str)
-        items = np.asarray(dataset.id2token(iid, train[iid].numpy()), dtype=str)
+        heldout = None
+        if check_protocol(self.config) == "cold_start_user":
+            # every interaction of the oldest users trains; held-out users' sequences are prediction inputs
+            dataset._change_feat_format()
+            dataset.sort(by=tid)
+            feat = dataset.inter_feat
+            group = cold_start_user_groups(feat[uid].numpy(), feat[tid].numpy(), self.config["cold_start_ratios"])
+            mask = group[feat[uid].numpy()]
+            train, heldout = feat[torch_index(mask == 0)], feat[torch_index(mask > 0)]
+        else:
+            train = dataset.build()[0].inter_feat
+
+        def tokens(feat):
+            return (np.asarray(dataset.id2token(uid, feat[uid].numpy()), dtype=str),
+                    np.asarray(dataset.id2token(iid, feat[iid].numpy()), dtype=str))
+
+        users, items = tokens(train)
         times = train[tid].numpy().astype(np.float64) if tid and tid in train.columns else None
+        self._heldout = tokens(heldout) if heldout is not None else (np.zeros(0, str), np.zeros(0, str))
         return users, items, times
 
     @property
@@ -124,11 +148,21 @@ class TrainingSplit:
             out.setdefault(u, []).append(i)
         return out
 
+    def heldout_histories(self) -> Dict[str, List[str]]:
+        """Cold-start-user protocol only (else empty): ``{held-out user: [item tokens in time order]}``.
+        These sequences are the model's *inputs* at prediction time; a hook may use a prefix of one only
+        for predictions after that prefix (PtE's snapshots, spec §5.1.1), never as training signal."""
+        self._arrays  # noqa: B018  (builds the split)
+        out: Dict[str, List[str]] = {}
+        for u, i in zip(*self._heldout):
+            out.setdefault(u, []).append(i)
+        return out
+
     @functools.cached_property
     def digest(self) -> str:
         h = hashlib.sha256()
-        for arr in self._arrays:
-            if arr is not None:
+        for arr in (*self._arrays, *self._heldout):  # held-out parts: empty except in the cold-start protocol
+            if arr is not None and len(arr):
                 h.update("\x1f".join(map(str, arr.tolist())).encode())
         return h.hexdigest()
 
@@ -234,13 +268,18 @@ class PrepHook:
         """Outputs that must exist for the hook to count as done (default: all of them)."""
         return self.outputs()
 
-    def table_files(self):
-        """``(binary path, text path or None)`` of the table a model reads from this hook's outputs."""
+    def table_files(self, output: str = ""):
+        """``(binary path, text path or None)`` of the table a model reads from this hook's outputs (``output``
+        names one table of a hook that writes several)."""
         return self.outputs()[0], None
 
     def work_dirs(self) -> List[str]:
         """Folders a run works in (e.g. shard parts): removed by ``force``, and when empty after a failure."""
         return []
+
+    def auto_runs(self) -> bool:
+        """Whether a model run may make the outputs by itself (parameter ``auto_run``)."""
+        return bool(self.params["auto_run"])
 
     # -- shared -------------------------------------------------------------------------------------
     def shaping_params(self) -> dict:
@@ -297,7 +336,7 @@ class PrepHook:
         if not os.path.exists(self.outputs()[0]):
             return "missing"
         made = manifest.get("fingerprint", {}).get("params")
-        if made != self._wanted_params():
+        if made is None or self._param_diff(made, self._wanted_params()):
             return "conflict"
         if not all(os.path.exists(p) for p in self.required_outputs()):
             return "missing"
@@ -307,10 +346,21 @@ class PrepHook:
         """This run's shaping parameters as a manifest stores them (through JSON)."""
         return json.loads(json.dumps(self.fingerprint()["params"], default=str))
 
+    def _made_params(self, made: dict) -> dict:
+        """A manifest's parameters, a key it lacks taken as that parameter's default: it was added to the hook
+        after the output was made, and new parameters default to the old behaviour (so upgrading the package
+        does not turn earlier outputs into conflicts)."""
+        defaults = json.loads(json.dumps(self.default_params(), default=str))
+        return {**{k: v for k, v in defaults.items() if k not in self.runtime_params}, **made}
+
+    def _param_diff(self, made: dict, wanted: dict) -> set:
+        made = self._made_params(made)
+        return {k for k in set(made) | set(wanted) if made.get(k) != wanted.get(k)}
+
     def conflict_message(self) -> str:
-        made = (self.manifest() or {}).get("fingerprint", {}).get("params", {})
+        made = self._made_params((self.manifest() or {}).get("fingerprint", {}).get("params", {}))
         wanted = self._wanted_params()
-        diff = {k for k in set(made) | set(wanted) if made.get(k) != wanted.get(k)}
+        diff = self._param_diff(made, wanted)
         made_s = ", ".join(f"{k}={made.get(k)!r}" for k in sorted(diff))
         wanted_s = ", ".join(f"{k}={wanted.get(k)!r}" for k in sorted(diff))
         return (
@@ -328,8 +378,13 @@ class PrepHook:
         args = " ".join(shlex.quote(f"{k}={v if isinstance(v, str) else json.dumps(v)}") for k, v in self.params.items()
                         if k != "auto_run" and v != defaults.get(k))
         data_path = os.path.dirname(os.path.abspath(self.data_path))
+        split = ""
+        if self.uses_split and self.config is not None:  # the split the hook reads: the run's model and protocol
+            split = f" --model {self.config['model']}"
+            if self.config["eval_protocol"] not in (None, "recbole"):
+                split += f" --set eval_protocol={self.config['eval_protocol']}"
         return (f"recbole-llmfuse prep {self.cli or 'hook ' + self.name} --dataset {self.dataset} --data_path {data_path}"
-                + (f" {args}" if args else "") + (" --force" if force else ""))
+                + split + (f" {args}" if args else "") + (" --force" if force else ""))
 
     def write_manifest(self, extra: Optional[dict] = None) -> None:
         """Record the outputs as complete (call last in ``run``): the manifest, then the pending marker goes."""
@@ -389,9 +444,10 @@ def builtin_hooks() -> Dict[str, Type[PrepHook]]:
     from recbole_llmfuse.dataset_prep.embed import ItemTextEmbeddingHook
     from recbole_llmfuse.dataset_prep.item_tokens import ItemTokensHook
     from recbole_llmfuse.dataset_prep.pretrained_ids import SASRecItemTableHook
-    from recbole_llmfuse.dataset_prep.profiles import ProfilesHook
+    from recbole_llmfuse.dataset_prep.profiles import ProfileEmbeddingHook, ProfilesHook
 
-    return {h.name: h for h in (ItemTextEmbeddingHook, ItemTokensHook, SASRecItemTableHook, ProfilesHook)}
+    return {h.name: h for h in (ItemTextEmbeddingHook, ItemTokensHook, SASRecItemTableHook, ProfilesHook,
+                                ProfileEmbeddingHook)}
 
 
 def get_hook(name: str) -> Type[PrepHook]:
@@ -453,10 +509,10 @@ def ensure(config, names: Iterable[str] = ()) -> List[str]:
                 continue
             if policy == "error":
                 raise HookConflictError(hook.conflict_message())
-        if not hook.params["auto_run"]:
+        if not hook.auto_runs():
             raise PrepRequiredError(
                 f"{hook.outputs()[0]} is {state} and prep hook '{hook.name}' does not run by itself "
-                f"(auto_run: false; it can take hours). Run it first: `{hook.command(force=state == 'conflict')}`"
+                f"(auto_run: {json.dumps(hook.params['auto_run'])}; it can take hours). Run it first: `{hook.command(force=state == 'conflict')}`"
             )
         getLogger().info(f"prep hook {hook.name}: outputs {state}, running")
         if hook.produce(replace=True) is not None:

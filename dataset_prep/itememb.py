@@ -114,18 +114,18 @@ def write_table(path: str, tokens: Sequence[str], values, kind: str = "item") ->
 
 def check_matrix(tokens: Sequence[str], matrix: np.ndarray, source: str, expected_dim: Optional[int] = None) -> None:
     """Shape, dimension, duplicate-id and finiteness checks shared by both formats."""
-    if matrix.ndim != 2 or matrix.shape[0] != len(tokens):
+    if matrix.ndim < 2 or matrix.shape[0] != len(tokens):
         raise ItemEmbeddingError(
             f"{source}: expected an [n_items, dim] matrix with one row per id, got shape {matrix.shape} "
             f"for {len(tokens)} ids. Re-run the embedding step."
         )
-    if expected_dim is not None and matrix.shape[1] != expected_dim:
+    if expected_dim is not None and matrix.shape[-1] != expected_dim:
         raise ItemEmbeddingError(
-            f"{source}: vectors have {matrix.shape[1]} dims but item_emb_dim is {expected_dim}. "
-            f"Set item_emb_dim: {matrix.shape[1]} or re-run the embedding step with the intended model."
+            f"{source}: vectors have {matrix.shape[-1]} dims but item_emb_dim is {expected_dim}. "
+            f"Set item_emb_dim: {matrix.shape[-1]} or re-run the embedding step with the intended model."
         )
     check_ids(tokens, source)
-    finite = np.isfinite(matrix).all(axis=1)
+    finite = np.isfinite(matrix).all(axis=tuple(range(1, matrix.ndim)))
     if not finite.all():
         bad = int(np.flatnonzero(~finite)[0])
         raise ItemEmbeddingError(
@@ -252,7 +252,7 @@ def align(
 
     Ids in the file that the dataset does not have are skipped. Dataset ids without a row raise
     :class:`ItemEmbeddingError` (``missing='error'``) or get a zero / empty row (``missing='zero'``).
-    Dense: float32 ``[n_rows, dim]`` with row 0 (padding) zero. Ragged: ``(ids [n_rows, max_len]`` int64
+    Dense: float32 ``[n_rows, dim]`` (or ``[n_rows, ..., dim]`` for a ``.npz`` table with more axes) with row 0 (padding) zero. Ragged: ``(ids [n_rows, max_len]`` int64
     padded with -1, ``lengths [n_rows])``.
     """
     source_row = np.full(n_rows, -1, dtype=np.int64)
@@ -270,7 +270,7 @@ def align(
         for i in np.flatnonzero(source_row >= 0):
             out[i, :lengths[i]] = values.row(source_row[i])
         return out, lengths
-    out = np.zeros((n_rows, values.shape[1]), dtype=np.float32)
+    out = np.zeros((n_rows, *values.shape[1:]), dtype=np.float32)
     out[source_row >= 0] = values[source_row[source_row >= 0]]
     return out
 

@@ -174,3 +174,152 @@ def _plot(rows: List[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# -- Information Sufficiency Index (PtE paper §3, Eq. 1-2; estimator of spec PtE §8.2) ------------------------
+def _reduce(x: np.ndarray, fit: np.ndarray, dims: int, seed: int) -> np.ndarray:
+    """Standardise on the ``fit`` rows, then PCA to ``dims`` if wider (spec §8.2: PCA-256 pre-reduction)."""
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x[fit])
+    z = scaler.transform(x)
+    if z.shape[1] > dims:
+        z = PCA(dims, random_state=seed).fit(z[fit]).transform(z)
+    return z
+
+
+def isi(u: np.ndarray, v: np.ndarray, seeds: Sequence[int] = (0, 1, 2, 3, 4), clusters: int = 256,
+        families: Sequence[str] = ("linear", "mlp"), dims: int = 256) -> Dict[str, Tuple[float, float]]:
+    """``I_S(U -> V) = 1 - CE(V | U) / H(V)`` of PtE Eq. 2, estimated as spec §8.2 (``discrete`` mode).
+
+    ``u [N, d_u]``, ``v [N, d_v]`` paired rows (e.g. the same items in two spaces). Per seed: an 80/20 split;
+    ``V`` standardised and discretised by k-means with ``min(clusters, N_train // 20)`` clusters fitted on the
+    training fold; ``H`` = test cross-entropy of add-one smoothed training label frequencies; ``CE`` = test
+    cross-entropy of a conditional model of the label given ``U`` — ``linear`` (multinomial logistic
+    regression, L2 strength picked on an inner split) or ``mlp`` (one 256-unit ReLU layer, early stopping).
+    Returns ``{family: (mean, std)}`` over seeds plus ``best`` (the better family per seed: the infimum over
+    model families). Values can be negative when a probe overfits; they are reported as they are.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+
+    u, v = np.asarray(u, dtype=np.float64), np.asarray(v, dtype=np.float64)
+    if len(u) != len(v) or len(u) < 50:
+        raise ConfigError(f"ISI needs at least 50 paired rows in both spaces; got {len(u)} and {len(v)}")
+    scores: Dict[str, List[float]] = {f: [] for f in (*families, "best")}
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(u))
+        cut = int(0.8 * len(u))
+        train, test = np.zeros(len(u), bool), np.zeros(len(u), bool)
+        train[order[:cut]], test[order[cut:]] = True, True
+        zu, zv = _reduce(u, train, dims, seed), _reduce(v, train, dims, seed)
+        k = max(2, min(clusters, cut // 20))
+        labels = KMeans(k, n_init=4, random_state=seed).fit(zv[train]).predict(zv)
+        freq = np.bincount(labels[train], minlength=k) + 1.0
+        h = float(-np.log(freq[labels[test]] / freq.sum()).mean())
+
+        def cross_entropy(model) -> float:
+            proba = np.full((int(test.sum()), k), 1e-12)
+            proba[:, model.classes_] = np.clip(model.predict_proba(zu[test]), 1e-12, None)
+            proba /= proba.sum(1, keepdims=True)
+            return float(-np.log(proba[np.arange(len(proba)), labels[test]]).mean())
+
+        per = {}
+        if "linear" in families:  # L2 strength on an inner 80/20 split of the training fold
+            inner = order[:cut]
+            fit_i, val_i = inner[: int(0.8 * cut)], inner[int(0.8 * cut):]
+            best_c, best_ce = 1.0, np.inf
+            for c in (0.01, 0.1, 1.0):
+                m = LogisticRegression(C=c, max_iter=300).fit(zu[fit_i], labels[fit_i])
+                p = np.full((len(val_i), k), 1e-12)
+                p[:, m.classes_] = np.clip(m.predict_proba(zu[val_i]), 1e-12, None)
+                ce = -np.log(p[np.arange(len(val_i)), labels[val_i]] / p.sum(1)).mean()
+                if ce < best_ce:
+                    best_c, best_ce = c, ce
+            per["linear"] = cross_entropy(LogisticRegression(C=best_c, max_iter=300).fit(zu[train], labels[train]))
+        if "mlp" in families:
+            per["mlp"] = cross_entropy(MLPClassifier((256,), early_stopping=True, max_iter=300, alpha=1e-3,
+                                                     random_state=seed).fit(zu[train], labels[train]))
+        for family, ce in per.items():
+            scores[family].append(1.0 - ce / h)
+        scores["best"].append(1.0 - min(per.values()) / h)
+    return {f: (float(np.mean(s)), float(np.std(s))) for f, s in scores.items() if s}
+
+
+def _space(spec: str, cache: dict):
+    """``NAME=CKPT.pth:TABLE`` (a trained model's item table, see :func:`item_table`) or ``NAME=FILE.npz``
+    (a feature table keyed by item token) -> ``(name, kind, value)``."""
+    from recbole_llmfuse.dataset_prep import itememb
+
+    name, sep, source = spec.partition("=")
+    if not sep or not name or not source:
+        raise ConfigError(f"'{spec}': write NAME=CHECKPOINT.pth:TABLE or NAME=FILE.npz (e.g. text=dataset/ml-100k/"
+                          f"ml-100k.itememb.npz)")
+    if source.endswith(".npz"):
+        if not os.path.isfile(source):
+            raise ConfigError(f"{source} does not exist")
+        return name, "file", itememb.read_table(source)
+    path, table = _spec(source)
+    _, model, dataset, *_ = _load(path, cache)
+    tokens = np.asarray(dataset.field2id_token[dataset.iid_field], dtype=str)
+    return name, "model", (tokens[1:], item_table(model, table)[1:])
+
+
+def isi_report(spaces: Sequence[str], out: str, seeds: Sequence[int] = (0, 1, 2, 3, 4), clusters: int = 256) -> List[dict]:
+    """ISI of every ordered pair of ``spaces`` (each ``NAME=CKPT:TABLE`` or ``NAME=FILE.npz``) over the items all
+    of them have; ``isi.csv`` and ``isi.png`` (heat map of the best-family ISI, rows = source U) in ``out``."""
+    if len(spaces) < 2:
+        raise ConfigError("analyze isi needs at least two --space entries")
+    cache: dict = {}
+    loaded = [_space(s, cache) for s in spaces]
+    common = set.intersection(*(set(map(str, value[0])) for _, _, value in loaded))
+    keys = sorted(common)
+    tables = {}
+    for name, _, (tokens, matrix) in loaded:
+        index = {str(t): i for i, t in enumerate(tokens)}
+        tables[name] = np.asarray(matrix, dtype=np.float64)[[index[k] for k in keys]]
+    rows = []
+    for a in tables:
+        for b in tables:
+            if a == b:
+                continue
+            result = isi(tables[a], tables[b], seeds=seeds, clusters=clusters)
+            for family, (mean, std) in result.items():
+                rows.append({"source": a, "target": b, "family": family, "isi": mean, "std": std, "items": len(keys)})
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "isi.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["source", "target", "family", "isi", "std", "items"])
+        writer.writeheader()
+        writer.writerows(rows)
+    _plot_isi(rows, list(tables), os.path.join(out, "isi.png"))
+    return rows
+
+
+def _plot_isi(rows: List[dict], names: List[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.full((len(names), len(names)), np.nan)
+    for r in rows:
+        if r["family"] == "best":
+            grid[names.index(r["source"]), names.index(r["target"])] = r["isi"]
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 1.4 * len(names) + 1.5))
+    im = ax.imshow(grid, cmap="viridis", vmin=min(0.0, np.nanmin(grid)), vmax=1.0)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w" if grid[i, j] < 0.6 else "k")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("V (predicted space)")
+    ax.set_ylabel("U (given space)")
+    ax.set_title("ISI(U -> V) = 1 - CE(V|U) / H(V)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -90,7 +90,8 @@ class ValidCurve:
 
 
 def parse_variant(label: str):
-    """``"FAERec[backbone=FMLPRec,align_alpha=0.3]"`` -> ``("FAERec", {"backbone": "FMLPRec", "align_alpha": 0.3})``.
+    """``"FAERec[backbone=FMLPRec,align_alpha=0.3]"`` -> ``("FAERec", {"backbone": "FMLPRec", "align_alpha": 0.3})``;
+    values may be YAML flow dicts or lists (``PtE[pte_profiles={backend: hf, tag: smol}]``).
 
     A model label may carry its own settings in brackets (values parsed as YAML), so one bench compares
     variants of one model; they win over the config files, and command-line overrides win over them.
@@ -105,7 +106,16 @@ def parse_variant(label: str):
         raise ConfigError(f"model '{label}': write NAME[key=value,key=value]")
     name, _, inner = label[:-1].partition("[")
     settings = {}
-    for item in filter(None, inner.split(",")):
+    items, depth, part = [], 0, ""
+    for ch in inner:  # commas inside {...} / [...] values belong to the value
+        depth += (ch in "{[") - (ch in "}]")
+        if ch == "," and depth == 0:
+            items.append(part)
+            part = ""
+        else:
+            part += ch
+    items.append(part)
+    for item in filter(None, items):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"model '{label}': '{item}' is not key=value")

@@ -119,9 +119,15 @@ def _models(_args) -> int:
     return 0
 
 
+#: `recbole-llmfuse prep <shortcut>` = `prep hook <name>`
+PREP_SHORTCUTS = {"embed": "item_text_embedding", "profiles": "pte_profiles"}
+
+
 def _add_prep_arguments(prep: argparse.ArgumentParser) -> None:
     sub = prep.add_subparsers(dest="prep_command", required=True)
-    for name, help_text in (("embed", "item text embeddings -> <dataset>.itememb(.npz)"), ("hook", "any hook by name")):
+    for name, help_text in (("embed", "item text embeddings -> <dataset>.itememb(.npz)"),
+                            ("profiles", "PtE's LLM-written user and item profiles -> <dataset>.userprof/itemprof.json"),
+                            ("hook", "any hook by name")):
         p = sub.add_parser(name, help=help_text)
         if name == "hook":
             p.add_argument("hook", help="hook name (recbole_llmfuse.prep_hooks entry points included)")
@@ -133,6 +139,8 @@ def _add_prep_arguments(prep: argparse.ArgumentParser) -> None:
                        help="run even if the outputs are fresh or were made with other settings; starts clean")
         p.add_argument("--model", "-m", default="SASRec",
                        help="model whose config (and data split) hooks that read interactions use (default: SASRec)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="a run setting that shapes the split the hook reads, e.g. eval_protocol=cold_start_user")
         p.epilog = "Hook parameters as key=value, e.g. backend=hf model=/models/llama pooling=last batch_size=8."
     p = sub.add_parser("amazon", help="Amazon Reviews 2018/2023 JSON -> RecBole atomic files")
     p.add_argument("--name", required=True,
@@ -162,7 +170,7 @@ def _prep(args: argparse.Namespace, rest: List[str]) -> int:
     from recbole_llmfuse.config import Config
     from recbole_llmfuse.dataset_prep.hooks import HookConflictError, get_hook, resolve
 
-    name = "item_text_embedding" if args.prep_command == "embed" else args.hook
+    name = PREP_SHORTCUTS.get(args.prep_command) or args.hook
     get_hook(name)  # an unknown name fails before any config is read
     config_files = args.config_files.split() if args.config_files else []
     params = {}
@@ -177,8 +185,14 @@ def _prep(args: argparse.Namespace, rest: List[str]) -> int:
             raise ConfigError(f"malformed hook parameter '{item}': write key=value (e.g. backend=hf)")
         params[key] = _hook_value(value)
     # the run's config: hooks that read interactions see the training split of exactly this config
+    settings = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"malformed --set '{item}': write KEY=VALUE (e.g. eval_protocol=cold_start_user)")
+        settings[key] = _hook_value(value)
     config = Config(args.model, args.dataset, config_file_list=config_files or None,
-                    config_dict={"data_path": os.path.abspath(args.data_path), name: params}, argv=[])
+                    config_dict={**settings, "data_path": os.path.abspath(args.data_path), name: params}, argv=[])
     from recbole_llmfuse.data import prepare_folder
 
     prepare_folder(config)
@@ -248,15 +262,29 @@ def _add_analyze_arguments(analyze: argparse.ArgumentParser) -> None:
     p.add_argument("--max_pairs", type=int, default=200_000, help="pairs sampled per bucket (fixed seed)")
     p.add_argument("--buckets", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    q = sub.add_parser("isi", help="Information Sufficiency Index between item spaces (PtE Eq. 2, spec PtE §8)")
+    q.add_argument("--space", action="append", required=True, metavar="NAME=SOURCE",
+                   help="NAME=CHECKPOINT.pth:TABLE (a trained model's item table: item, llm, ...) or NAME=FILE.npz "
+                        "(a feature table, e.g. <dataset>.itememb.npz, <dataset>.pteitem.npz); two or more")
+    q.add_argument("--out", default="analysis_out", help="writes isi.csv and isi.png here")
+    q.add_argument("--seeds", type=int, default=5, help="80/20 splits averaged (spec: 5)")
+    q.add_argument("--clusters", type=int, default=256, help="k-means labels of V: min(this, N_train // 20)")
 
 
 def _analyze(args: argparse.Namespace, rest: List[str]) -> int:
     import recbole_llmfuse  # noqa: F401  (compat shims)
-    from recbole_llmfuse.analysis import kendall_report
+    from recbole_llmfuse.analysis import isi_report, kendall_report
     from recbole_llmfuse.config import ConfigError
 
     if rest:
         raise ConfigError(f"unrecognized arguments: {' '.join(rest)}")
+    if args.analyze_command == "isi":
+        rows = isi_report(args.space, args.out, seeds=range(args.seeds), clusters=args.clusters)
+        print("source\ttarget\tfamily\tisi\tstd")
+        for r in rows:
+            print(f"{r['source']}\t{r['target']}\t{r['family']}\t{r['isi']:.4f}\t{r['std']:.4f}")
+        print(f"wrote {os.path.join(args.out, 'isi.csv')} and isi.png ({rows[0]['items']} items)")
+        return 0
     rows = kendall_report(args.ref, args.cmp, args.out, args.max_pairs, args.seed, args.buckets)
     print("comparison\tgroup\ttau\tpairs")
     for r in rows:
@@ -276,7 +304,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from recbole_llmfuse import bench
 
     bench.add_arguments(sub.add_parser("bench", help="several models x seeds under one protocol: tables and plots"))
-    _add_analyze_arguments(sub.add_parser("analyze", help="diagnostics of trained models (Kendall-tau alignment tool)"))
+    _add_analyze_arguments(sub.add_parser("analyze", help="diagnostics of trained models (Kendall-tau alignment, ISI)"))
     from recbole_llmfuse import tune
 
     tune.add_arguments(sub.add_parser("tune", help="Ray Tune sweep, reported every epoch (ASHA), any model"))

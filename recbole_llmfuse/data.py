@@ -13,6 +13,7 @@ import recbole
 from recbole.data import create_dataset as recbole_create_dataset
 from recbole.data import data_preparation  # noqa: F401  (re-exported: RecBole's splitting is reused as is)
 from recbole.data.dataset import SequentialDataset
+from recbole.utils import FeatureSource, FeatureType, ModelType
 
 from recbole_llmfuse import registry
 from recbole_llmfuse.dataset_prep import hooks as prep_hooks
@@ -136,7 +137,8 @@ class FeatureTable:
     ``kind``: ``item`` (``[n_items, ...]``) or ``user`` (``[n_users, ...]``); ``options``: prefix of the
     config keys ``<options>_format`` (auto | npz | text), ``<options>_dim`` and ``<options>_missing``
     (error | zero); ``ragged``: variable-length integer rows (token ids) instead of vectors;
-    ``description``: words for error messages.
+    ``description``: words for error messages; ``output``: which of the hook's tables, for hooks that write
+    several (``hook.table_files(output)``).
     """
 
     name: str
@@ -145,6 +147,7 @@ class FeatureTable:
     options: str = "item_emb"
     ragged: bool = False
     description: str = "a feature table"
+    output: str = ""
 
 
 def model_tables(model_name) -> Tuple[FeatureTable, ...]:
@@ -166,12 +169,56 @@ def create_dataset(config):
     """
     prepare(config)
     tables = model_tables(config["model"])
-    if tables:
+    protocol = check_protocol(config)
+    if tables or protocol != "recbole":
+        if protocol != "recbole" and config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
+            raise ItemEmbeddingError(f"eval_protocol: {protocol} needs a sequential model; {config['model']} is "
+                                     f"{config['MODEL_TYPE'].name.lower()}. Use eval_protocol: recbole (eval_args).")
         return FeatureSequentialDataset(config, tables)
     dataset_class = getattr(registry.get_model(config["model"]), "dataset_class", None)
     if dataset_class is not None:
         return dataset_class(config)
     return recbole_create_dataset(config)
+
+
+# -- evaluation protocols ------------------------------------------------------------------------------
+PROTOCOLS = ("recbole", "cold_start_user")
+#: the interaction field holding each sequential instance's true history length (before the window cut)
+PREFIX_LENGTH_FIELD = "prefix_length"
+
+
+def check_protocol(config) -> str:
+    protocol = config["eval_protocol"]
+    if protocol not in PROTOCOLS:
+        raise ItemEmbeddingError(f"eval_protocol '{protocol}': choose one of {', '.join(PROTOCOLS)}")
+    if protocol == "cold_start_user":
+        ratios = config["cold_start_ratios"]
+        if not (isinstance(ratios, (list, tuple)) and len(ratios) == 3 and all(r >= 0 for r in ratios)
+                and sum(ratios) > 0):
+            raise ItemEmbeddingError(f"cold_start_ratios must be three non-negative numbers (train, valid, test "
+                                     f"users), e.g. [0.8, 0.1, 0.1]; got {ratios!r}")
+    return protocol
+
+
+def cold_start_user_groups(users: np.ndarray, times: np.ndarray, ratios: Sequence[float]) -> np.ndarray:
+    """Cold-start-user split (PtE spec §7.1, after DreamRec/AlphaFuse): users ordered by the time of their
+    *last* interaction (ties by user id), the oldest ``ratios[0]`` share trains, the next ``ratios[1]``
+    validates, the newest the rest tests. ``users``/``times``: one entry per interaction. Returns
+    ``group [max(users) + 1]`` (0 train, 1 valid, 2 test; -1 for ids without interactions)."""
+    users = np.asarray(users)
+    n = int(users.max()) + 1 if len(users) else 1
+    last = np.full(n, -np.inf)
+    np.maximum.at(last, users, np.asarray(times, dtype=np.float64))
+    present = np.flatnonzero(np.isfinite(last))
+    order = present[np.lexsort((present, last[present]))]
+    r = np.asarray(ratios, dtype=np.float64) / float(sum(ratios))
+    n_train = int(round(r[0] * len(order)))
+    n_valid = int(round(r[1] * len(order)))
+    group = np.full(n, -1, dtype=np.int64)
+    group[order[:n_train]] = 0
+    group[order[n_train:n_train + n_valid]] = 1
+    group[order[n_train + n_valid:]] = 2
+    return group
 
 
 # -- training-split statistics (models and the evaluation read them from here) ----------------------
@@ -251,12 +298,35 @@ class FeatureSequentialDataset(SequentialDataset):
         super().__init__(config)
         self._feature_tables = {t.name: self._load_table(t) for t in self._tables}
 
+    def data_augmentation(self):
+        """RecBole's prefix augmentation, plus :data:`PREFIX_LENGTH_FIELD`: each instance's number of earlier
+        interactions of its user (``item_length`` is cut at ``MAX_ITEM_LIST_LENGTH``; this is not). Models
+        that look up per-prefix user data (PtE's profile snapshots, spec §5.1.1) read it."""
+        super().data_augmentation()
+        import pandas as pd
+        import torch
+
+        users = pd.Series(self.inter_feat[self.uid_field].numpy())
+        position = users.groupby(users, sort=False).cumcount().to_numpy() + 1  # rows are in (user, time) order
+        self.inter_feat[PREFIX_LENGTH_FIELD] = torch.from_numpy(position.astype(np.int64))
+        self.set_field_property(PREFIX_LENGTH_FIELD, FeatureType.TOKEN, FeatureSource.INTERACTION, 1)
+
     def build(self):
-        """RecBole's split; with ``train_rows: windows`` the training split keeps one row per window of
+        """RecBole's split, or with ``eval_protocol: cold_start_user`` the cold-start-user split (every prefix
+        of a held-out user is an instance; :func:`cold_start_user_groups`). With ``train_rows: windows`` the training split keeps one row per window of
         ``MAX_ITEM_LIST_LENGTH`` items (non-overlapping, plus each user's last training row) instead of one row
         per prefix: for models that supervise every position of a row (HDRec), every training item is still
         a target once, at a fraction of the rows."""
-        datasets = super().build()
+        if check_protocol(self.config) == "cold_start_user":
+            self._change_feat_format()
+            feat = self.inter_feat
+            users = feat[self.uid_field].numpy()
+            group = cold_start_user_groups(users, feat[self.time_field].numpy(), self.config["cold_start_ratios"])
+            import torch
+
+            datasets = [self.copy(feat[torch.from_numpy(np.flatnonzero(group[users] == g))]) for g in range(3)]
+        else:
+            datasets = super().build()
         mode = self.config["train_rows"]
         if mode not in ("all", "windows"):
             raise ItemEmbeddingError(f"train_rows must be all or windows, not {mode!r}")
@@ -280,7 +350,7 @@ class FeatureSequentialDataset(SequentialDataset):
                 f"{table.options}_format must be auto | npz | text and {table.options}_missing error | zero; got "
                 f"{fmt!r} and {missing!r}")
         hook = prep_hooks.make_hook(table.hook, config)
-        npz_path, text_path = hook.table_files()
+        npz_path, text_path = hook.table_files(table.output)
         if fmt == "auto":
             fmt = "npz" if os.path.isfile(npz_path) else "text" if text_path and os.path.isfile(text_path) else None
         path = {"npz": npz_path, "text": text_path}.get(fmt)

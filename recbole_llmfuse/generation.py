@@ -8,7 +8,11 @@ without an LLM). Backends:
   baseline);
 * ``hf`` — any local Hugging Face causal LM (``llm_path`` rules of :mod:`recbole_llmfuse.llm`, GGUF included),
   batched ``model.generate`` over length-sorted, left-padded batches, greedy or sampled, optional PEFT adapter
-  (a tuned profiler plugs in here), chat template when the tokenizer has one; a progress bar with tokens/s.
+  (a tuned profiler plugs in here), chat template when the tokenizer has one; a progress bar with tokens/s;
+* ``openai`` — any OpenAI-compatible server (vLLM, llama.cpp's ``llama-server``, TGI, OpenAI) at ``base_url``
+  through the official ``openai`` client: chat or plain completions, ``concurrency`` requests in flight,
+  the client's own retries with exponential backoff (``max_retries``) and ``timeout``; an unreachable server
+  is one error naming the URL.
 
 :func:`cached_generate` keys every request by (backend fingerprint, prompt, sampling settings) in a
 :class:`~recbole_llmfuse.dataset_prep.hooks.RecordCache`: a rerun generates nothing, an interrupted run
@@ -16,6 +20,7 @@ resumes with the records it committed (each batch is committed as it finishes).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -47,26 +52,34 @@ class HFGenerator:
     def __init__(self, model: str, gguf_file: Optional[str] = None, adapter: Optional[str] = None,
                  device: Optional[str] = None, dtype: Optional[str] = None, batch_size: int = 8,
                  chat_template: bool = True, progress: bool = True, **_):
-        from transformers import AutoModelForCausalLM
-
-        from recbole_llmfuse.llm import default_device, default_gguf_file, load_tokenizer, resolve_model_path, torch_dtype
+        from recbole_llmfuse.llm import default_device, default_gguf_file, load_tokenizer
 
         self.device = device or default_device()
         self.tokenizer = load_tokenizer(model, gguf_file)
         self.tokenizer.padding_side = "left"  # generation continues every row from its last token
-        gguf_file = default_gguf_file(model, gguf_file)
+        self._load = (model, default_gguf_file(model, gguf_file), adapter, dtype)
+        self.name = f"hf:{model}|{self._load[1]}|{adapter}"
+        self.batch_size, self.chat, self.progress = int(batch_size), bool(chat_template), progress
+
+    @functools.cached_property
+    def model(self):
+        """Loaded on first use: a rerun whose records are all cached never loads the weights."""
+        from transformers import AutoModelForCausalLM
+
+        from recbole_llmfuse.llm import resolve_model_path, torch_dtype
+
+        model, gguf_file, adapter, dtype = self._load
         kwargs = {"torch_dtype": torch_dtype(dtype, self.device)}
         if gguf_file:
             from transformers import GgufConfig
 
             kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
-        self.model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), **kwargs).to(self.device).eval()
+        net = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), **kwargs).to(self.device).eval()
         if adapter:
             from peft import PeftModel
 
-            self.model = PeftModel.from_pretrained(self.model, adapter).eval()
-        self.name = f"hf:{model}|{gguf_file}|{adapter}"
-        self.batch_size, self.chat, self.progress = int(batch_size), bool(chat_template), progress
+            net = PeftModel.from_pretrained(net, adapter).eval()
+        return net
 
     def fingerprint(self) -> str:
         from recbole_llmfuse.llm import tokenizer_fingerprint
@@ -107,10 +120,82 @@ class HFGenerator:
             bar.update(len(idx))
             bar.set_postfix_str(f"{made / (time.perf_counter() - start):.1f} tokens/s")
         bar.close()
+        self.generated_tokens = made  # of the last call: non-padding tokens after the prompts
         return out
 
 
-BACKENDS = {"template": TemplateGenerator, "hf": HFGenerator}
+class OpenAIGenerator:
+    """Requests to an OpenAI-compatible server (see module docstring). ``api_key``: the key itself, else the
+    environment variable ``api_key_env`` (servers that check none accept any string). ``extra_body``: server
+    specific sampling settings passed through (e.g. vLLM's ``top_k``, ``repetition_penalty``)."""
+
+    def __init__(self, model: str, base_url: str, api_key: Optional[str] = None, api_key_env: str = "OPENAI_API_KEY",
+                 concurrency: int = 8, timeout: float = 120.0, max_retries: int = 5, chat_template: bool = True,
+                 extra_body: Optional[dict] = None, progress: bool = True, **_):
+        import os
+
+        try:
+            import openai
+        except ImportError:
+            raise ConfigError("generation backend 'openai' needs the openai package: pip install 'recbole-llmfuse[llm]'") \
+                from None
+        if not base_url:
+            raise ConfigError("generation backend 'openai' needs base_url, e.g. http://localhost:8000/v1 (vllm serve) "
+                              "or http://localhost:8080/v1 (llama-server)")
+        self.openai = openai
+        # the client retries connection errors, 408/409/429 and 5xx with exponential backoff and jitter
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key or os.environ.get(api_key_env) or "EMPTY",
+                                    timeout=float(timeout), max_retries=int(max_retries))
+        self.model, self.base_url, self.chat = model, base_url, bool(chat_template)
+        self.concurrency, self.extra_body, self.progress = max(1, int(concurrency)), extra_body or {}, progress
+
+    def fingerprint(self) -> str:
+        return f"openai:{self.base_url}|{self.model}|{'chat' if self.chat else 'completion'}"
+
+    def _one(self, prompt: str, sampling: dict):
+        kwargs = {"model": self.model, "max_tokens": int(sampling.get("max_new_tokens", 128)),
+                  "temperature": float(sampling.get("temperature", 0.0)), "extra_body": self.extra_body or None}
+        for key in ("top_p", "seed"):
+            if sampling.get(key) is not None:
+                kwargs[key] = sampling[key]
+        try:
+            if self.chat:
+                r = self.client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **kwargs)
+                text = r.choices[0].message.content or ""
+            else:
+                r = self.client.completions.create(prompt=prompt, **kwargs)
+                text = r.choices[0].text or ""
+        except self.openai.APIConnectionError as err:
+            raise ConfigError(f"openai backend: cannot reach {self.base_url} ({err.__class__.__name__}: {err}); "
+                              f"start the server (e.g. `vllm serve MODEL`, `llama-server -m FILE`) or fix base_url") \
+                from None
+        except self.openai.APIStatusError as err:
+            raise ConfigError(f"openai backend: {self.base_url} answered HTTP {err.status_code} for model "
+                              f"'{self.model}': {str(err)[:300]}") from None
+        tokens = getattr(getattr(r, "usage", None), "completion_tokens", None) or len(text.split())
+        return text.strip(), int(tokens)
+
+    def generate(self, requests: List[dict], sampling: dict) -> List[str]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm.auto import tqdm
+
+        out: List[Optional[str]] = [None] * len(requests)
+        bar = tqdm(total=len(requests), unit="record", desc="generating", disable=not self.progress)
+        made, start = 0, time.perf_counter()
+        # requests are I/O-bound: a thread pool keeps `concurrency` of them in flight (the client is thread-safe)
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            futures = [pool.submit(self._one, r["prompt"], sampling) for r in requests]
+            for i, f in enumerate(futures):
+                out[i], n = f.result()
+                made += n
+                bar.update(1)
+                bar.set_postfix_str(f"{made / max(time.perf_counter() - start, 1e-9):.1f} tokens/s")
+        bar.close()
+        return out
+
+
+BACKENDS = {"template": TemplateGenerator, "hf": HFGenerator, "openai": OpenAIGenerator}
 
 
 def make_generator(backend: str, **params):

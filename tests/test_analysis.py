@@ -70,3 +70,34 @@ def test_analyze_command_writes_table_and_plot(small_cfg, with_embeddings, tmp_p
     assert Image.open(out / "kendall.png").size[0] > 100
     assert main(["analyze", "kendall", "--ref", f"{ckpt}:nope", "--cmp", f"{ckpt}:item", "--out", str(out)]) == 2
     assert "no item table 'nope'" in capsys.readouterr().err
+
+
+def test_isi_rises_as_v_becomes_a_function_of_u_and_is_near_zero_for_independent_spaces():
+    """Spec PtE §9: with V = A U + noise, shrinking noise raises ISI(U -> V); independent spaces give ~0."""
+    from recbole_llmfuse.analysis import isi
+
+    rng = np.random.default_rng(0)
+    u = rng.standard_normal((600, 8))
+    a = rng.standard_normal((8, 6))
+    values = [isi(u, u @ a + noise * rng.standard_normal((600, 6)), seeds=(0, 1), clusters=8,
+                  families=("linear",))["best"][0] for noise in (3.0, 1.0, 0.1)]
+    assert values[0] < values[1] < values[2] and values[2] > 0.5, values
+    independent = isi(u, rng.standard_normal((600, 6)), seeds=(0, 1), clusters=8, families=("linear",))["best"][0]
+    assert abs(independent) < 0.05, independent
+
+
+def test_isi_report_writes_csv_and_plot_for_every_ordered_pair(tmp_path):
+    from recbole_llmfuse.analysis import isi_report
+    from recbole_llmfuse.dataset_prep.itememb import write_table
+
+    rng = np.random.default_rng(0)
+    tokens = [f"i{k}" for k in range(300)]
+    base = rng.standard_normal((300, 5))
+    write_table(str(tmp_path / "a.npz"), tokens, base.astype(np.float32))
+    write_table(str(tmp_path / "b.npz"), tokens[::-1], (base @ rng.standard_normal((5, 4)))[::-1].astype(np.float32))
+    rows = isi_report([f"a={tmp_path / 'a.npz'}", f"b={tmp_path / 'b.npz'}"], str(tmp_path / "out"), seeds=(0,),
+                      clusters=6)
+    assert {(r["source"], r["target"]) for r in rows} == {("a", "b"), ("b", "a")}
+    best = {(r["source"], r["target"]): r["isi"] for r in rows if r["family"] == "best"}
+    assert best[("a", "b")] > 0.5  # rows were matched by token although the files list them in other orders
+    assert (tmp_path / "out" / "isi.csv").exists() and (tmp_path / "out" / "isi.png").stat().st_size > 0

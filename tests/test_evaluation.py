@@ -134,6 +134,8 @@ def test_bench_model_variants_parse_and_fail_clearly():
 
     assert parse_variant("FAERec") == ("FAERec", {})
     assert parse_variant("FAERec[backbone=FMLPRec,align_alpha=0.3]") == ("FAERec", {"backbone": "FMLPRec", "align_alpha": 0.3})
+    assert parse_variant("PtE[pte_profiles={backend: hf, tag: smol},topk=[10, 20],seed=1]") == (
+        "PtE", {"pte_profiles": {"backend": "hf", "tag": "smol"}, "topk": [10, 20], "seed": 1})
     with pytest.raises(ConfigError, match="key=value"):
         parse_variant("FAERec[backbone]")
 

@@ -363,3 +363,20 @@ def test_declared_ragged_and_user_tables_load_row_aligned(small_cfg, monkeypatch
         n_train = int((split.users == token).sum())
         assert model.user_vec[internal, 0].item() == n_train  # training interactions only
     assert not model.user_vec[0].any() and not model.item_tokens_len[0]
+
+
+def test_output_made_before_a_parameter_existed_counts_as_made_with_its_default(small_cfg, toy_hooks):
+    """Upgrading the package adds hook parameters; outputs made before are not conflicts when the run asks for
+    the new parameter's default (the old behaviour), and are when it asks for something else."""
+    config = Config("FastSASRec", SMALL, config_dict=small_cfg(), argv=[])
+    hook = hooks.make_hook("toy_upstream", config)
+    hook.produce()
+    manifest = hook.manifest()
+    del manifest["fingerprint"]["params"]["scale"]  # as written by a version without `scale`,
+    manifest["digest"] = "0" * 64  # whose fingerprint (without the key) hashed to something else
+    with open(hook.manifest_path, "w") as f:
+        json.dump(manifest, f)
+    assert hook.status() == "stale"  # same settings, other fingerprint: rebuilt without asking
+    other = hooks.make_hook("toy_upstream", Config("FastSASRec", SMALL, config_dict=small_cfg(
+        toy_upstream={"scale": 2.0}), argv=[]))
+    assert other.status() == "conflict" and "scale=1.0" in other.conflict_message()

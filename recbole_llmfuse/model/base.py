@@ -3,7 +3,9 @@
 * :class:`SequentialBase` — a RecBole ``SequentialRecommender`` written as three methods
   (``forward`` -> sequence representation, ``item_vectors``, ``all_item_vectors``; or override
   ``score_items``/``score_all`` for non-dot-product scoring); it supplies the losses
-  (``loss_type``: ``CE`` | ``BPR`` | ``BCE``), ``predict`` and ``full_sort_predict``.
+  (``loss_type``: ``CE`` | ``BPR`` | ``BCE`` | ``InfoNCE`` = sampled softmax over the target and
+  ``infonce_negatives`` uniform negatives, logits / ``infonce_temperature``, cosine when ``infonce_cosine``,
+  as PtE's SASRec, spec PtE §5.1), ``predict`` and ``full_sort_predict``.
 * **feature tables**: a model lists the tables it needs in ``feature_tables`` (each a
   :class:`~recbole_llmfuse.data.FeatureTable`: item text embeddings, ragged item token ids, user
   embeddings, a pre-trained ID table ...); the prep hook of each runs when its file is missing and the
@@ -30,7 +32,15 @@ from recbole_llmfuse.data import FeatureTable
 from recbole_llmfuse.model.encoders import SequenceBackbone
 from recbole_llmfuse.model.sequential import init_weights
 
-LOSS_TYPES = ("CE", "BPR", "BCE")
+LOSS_TYPES = ("CE", "BPR", "BCE", "InfoNCE")
+
+
+def uniform_negatives(pos: torch.Tensor, k: int, n_items: int) -> torch.Tensor:
+    """``k`` negatives per row, uniform over items ``1 .. n_items-1`` except the row's target: ``pos [B]`` ->
+    ``[B, k]``. Exact without rejection: draw from ``n_items - 2`` ids and step over the target. History items
+    may appear (as in AlphaFuse's SASRec, PtE spec §5.1)."""
+    draw = torch.randint(1, n_items - 1, (pos.shape[0], k), device=pos.device)
+    return draw + (draw >= pos.unsqueeze(1)).long()
 
 
 class SequentialBase(SequentialRecommender):
@@ -42,6 +52,11 @@ class SequentialBase(SequentialRecommender):
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type '{self.loss_type}' is not supported by {type(self).__name__}; use one of {LOSS_TYPES}")
         self.initializer_range = config["initializer_range"]
+        if self.loss_type == "InfoNCE":
+            self.infonce_negatives = int(config["infonce_negatives"])
+            self.infonce_temperature = float(config["infonce_temperature"])
+        #: cosine scoring (training and ranking) for InfoNCE with infonce_cosine
+        self.cosine = self.loss_type == "InfoNCE" and bool(config["infonce_cosine"])
         self._register_feature_tables(dataset)
 
     def _register_feature_tables(self, dataset) -> None:
@@ -84,10 +99,14 @@ class SequentialBase(SequentialRecommender):
     def score_items(self, seq_output, items: torch.Tensor) -> torch.Tensor:
         """Scores of given items: ``items [B]`` -> ``[B]`` (or ``[B, K]`` -> ``[B, K]``)."""
         emb = self.item_vectors(items)
+        if self.cosine:
+            emb, seq_output = F.normalize(emb, dim=-1), F.normalize(seq_output, dim=-1)
         return (emb * (seq_output if items.dim() == 1 else seq_output.unsqueeze(1))).sum(-1)
 
     def score_all(self, seq_output) -> torch.Tensor:
         """Scores of every item: ``[B, n_items]``."""
+        if self.cosine:
+            return F.normalize(seq_output, dim=-1) @ F.normalize(self.all_item_vectors(), dim=-1).T
         return seq_output @ self.all_item_vectors().T
 
     # -- RecBole interface --------------------------------------------------------------------------
@@ -100,6 +119,10 @@ class SequentialBase(SequentialRecommender):
         pos_items = interaction[self.POS_ITEM_ID]
         if self.loss_type == "CE":
             return F.cross_entropy(self.score_all(seq_output), pos_items)
+        if self.loss_type == "InfoNCE":  # target in column 0 of [target, negatives]
+            cand = torch.cat([pos_items.unsqueeze(1), uniform_negatives(pos_items, self.infonce_negatives, self.n_items)], 1)
+            logits = self.score_items(seq_output, cand) / self.infonce_temperature
+            return F.cross_entropy(logits, torch.zeros_like(pos_items))
         pos = self.score_items(seq_output, pos_items)
         neg = self.score_items(seq_output, interaction[self.NEG_ITEM_ID])
         if self.loss_type == "BPR":  # RecBole's BPRLoss

@@ -1,0 +1,145 @@
+"""PtE (Profile-then-Embedding): SASRec over LLM-written profile embeddings, and LLMInit, the baseline that
+initialises an ID table from the same kind of vectors.
+
+Spec PtE §4.7, §5.1 (SASRec-PtE) and §5.3 (LLMInit). The vectors come from preparation hooks:
+``pte_profiles`` (LLM-written user and item profiles, spec §3) -> ``pte_embeddings`` (``f_enc``, spec §4.1), and
+``item_text_embedding`` for the raw item text. Nothing here calls an LLM.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recbole_llmfuse.data import PREFIX_LENGTH_FIELD, FeatureTable
+from recbole_llmfuse.dataset_prep.profiles import snapshot_slot
+from recbole_llmfuse.model.base import IDSequentialRecommender, LLMFusedSequentialRecommender
+from recbole_llmfuse.model.encoders import SequenceBackbone
+
+
+def whitening(table: torch.Tensor, k: int, eps: float = 1e-6) -> torch.Tensor:
+    """``Whiten_k`` of spec PtE §4.7 (AlphaFuse's standardised PCA): centre the non-zero rows of ``table [N, d]``,
+    rotate to the covariance eigenbasis, scale each direction by ``1/sqrt(eigenvalue)``, keep the top ``k``.
+    Returns ``[N, k]`` (all-zero rows — padding, items without a vector — stay zero)."""
+    x = table.double()
+    rows = x.abs().sum(-1) > 0
+    k = min(k, table.shape[-1])
+    if int(rows.sum()) < 2:  # nothing to fit (e.g. no item profiles: item_mode text_only)
+        return torch.zeros(table.shape[0], k)
+    fit = x[rows]
+    mean = fit.mean(0)
+    cov = (fit - mean).T @ (fit - mean) / max(1, len(fit) - 1)
+    values, vectors = torch.linalg.eigh(cov)  # ascending
+    values, vectors = values.flip(0)[:k], vectors.flip(1)[:, :k]
+    out = (x - mean) @ vectors / torch.sqrt(values.clamp(min=eps))
+    return (out * rows.unsqueeze(-1)).float()
+
+
+def adapter(k: int, d: int, kind: str) -> nn.Module:
+    """The trainable "task-aligned projection" (spec §4.7): ``mlp`` = Linear(k, d) -> ReLU -> Linear(d, d) (the
+    authors' CF consumer), ``linear`` = one Linear."""
+    if kind == "linear":
+        return nn.Linear(k, d)
+    if kind != "mlp":
+        raise ValueError(f"pte_adapter '{kind}': mlp | linear")
+    return nn.Sequential(nn.Linear(k, d), nn.ReLU(), nn.Linear(d, d))
+
+
+class PtE(LLMFusedSequentialRecommender):
+    """SASRec-PtE (spec PtE §5.1).
+
+    Items: ``e_v = ReLU(W_f [MLP_p(z̃_v); MLP_o(t̃_v)])`` (``item_mode: profile_plus_text``), ``MLP_p(z̃_v)``
+    (``profile_only``) or ``MLP_o(t̃_v)`` (``text_only``: the "No Profile" ablation), ``z̃ = Whiten_k`` of the item
+    profile vectors, ``t̃`` of the raw item-text vectors. No free ID embedding unless ``pte_add_id_embedding``.
+    Users: ``h' = ReLU(W_g [h; normalize(MLP_u(z̃_u))])`` (``user_fusion: concat``), ``h + normalize(...)``
+    (``add``) or ``h`` (``none``), ``h`` SASRec's last state; ``z_u`` is the snapshot of the instance's prefix
+    (slot :func:`~recbole_llmfuse.dataset_prep.profiles.snapshot_slot` of ``prefix_length``), a learned vector
+    for users without one. Loss: ``loss_type: InfoNCE`` (64 uniform negatives, cosine / 0.07) by default.
+    """
+
+    feature_tables = LLMFusedSequentialRecommender.feature_tables + (
+        FeatureTable("pte_item_emb", hook="pte_embeddings", output="item", options="pte_emb",
+                     description="PtE item-profile embeddings"),
+        FeatureTable("pte_user_emb", hook="pte_embeddings", output="user", kind="user", options="pte_emb",
+                     description="PtE user-profile embeddings"),
+    )
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        d, kind = config["hidden_size"], config["pte_adapter"]
+        k = config["pte_whiten_dim"] or d
+        self.item_mode, self.user_fusion = config["item_mode"], config["user_fusion"]
+        if self.item_mode not in ("profile_plus_text", "profile_only", "text_only"):
+            raise ValueError(f"item_mode '{self.item_mode}': profile_plus_text | profile_only | text_only")
+        if self.user_fusion not in ("concat", "add", "none"):
+            raise ValueError(f"user_fusion '{self.user_fusion}': concat | add | none")
+        # fixed whitening (buffers, rebuilt from the tables on load: not in the checkpoint)
+        self.register_buffer("item_profile_w", whitening(self.pte_item_emb, k), persistent=False)
+        self.register_buffer("item_text_w", whitening(self.item_text_emb, k), persistent=False)
+        users = self.pte_user_emb  # [n_users, S, d_enc]
+        self.register_buffer("user_profile_w", whitening(users.reshape(-1, users.shape[-1]), k)
+                             .reshape(users.shape[0], users.shape[1], -1), persistent=False)
+        self.profile_mlp = adapter(self.item_profile_w.shape[1], d, kind) if self.item_mode != "text_only" else None
+        self.text_mlp = adapter(self.item_text_w.shape[1], d, kind) if self.item_mode != "profile_only" else None
+        self.item_fuse = nn.Linear(2 * d, d) if self.item_mode == "profile_plus_text" else None
+        self.id_embedding = nn.Embedding(self.n_items, d, padding_idx=0) if config["pte_add_id_embedding"] else None
+        if self.user_fusion != "none":
+            self.user_mlp = adapter(self.user_profile_w.shape[-1], d, kind)
+            self.user_fuse = nn.Linear(2 * d, d) if self.user_fusion == "concat" else None
+            self.empty_user = nn.Parameter(torch.zeros(d))
+        self.backbone = SequenceBackbone(config, self.max_seq_length)
+        self.init_parameters()
+
+    def _item_table(self) -> torch.Tensor:
+        """``[n_items, D]`` item representations; row 0 (padding) zero."""
+        parts = []
+        if self.profile_mlp is not None:
+            parts.append(self.profile_mlp(self.item_profile_w))
+        if self.text_mlp is not None:
+            parts.append(self.text_mlp(self.item_text_w))
+        e = F.relu(self.item_fuse(torch.cat(parts, -1))) if self.item_fuse is not None else parts[0]
+        if self.id_embedding is not None:
+            e = e + self.id_embedding.weight
+        mask = torch.ones(e.shape[0], 1, device=e.device, dtype=e.dtype)
+        mask[0] = 0
+        return e * mask
+
+    def all_item_vectors(self) -> torch.Tensor:
+        return self.eval_cached("items", self._item_table)
+
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        return self.all_item_vectors()[items]
+
+    def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+        """``[B, L]``, ``[B]`` -> ``[B, D]``"""
+        return self.backbone(self.all_item_vectors()[item_seq], item_seq, item_seq_len)
+
+    def encode(self, interaction) -> torch.Tensor:
+        h = super().encode(interaction)
+        if self.user_fusion == "none":
+            return h
+        users = interaction[self.USER_ID]
+        slot = snapshot_slot(interaction[PREFIX_LENGTH_FIELD], self.user_profile_w.shape[1])
+        z = self.user_profile_w[users, slot]  # [B, k]
+        has = (z.abs().sum(-1, keepdim=True) > 0).to(h.dtype)
+        u = F.normalize(has * self.user_mlp(z) + (1 - has) * self.empty_user, dim=-1)
+        if self.user_fuse is None:
+            return h + u
+        return F.relu(self.user_fuse(torch.cat([h, u], -1)))
+
+
+class LLMInit(IDSequentialRecommender):
+    """LLMInit (spec PtE §5.3): SASRec whose trainable item table starts as ``Whiten_d`` (standardised PCA, as
+    AlphaFuse's "semantic space decomposition") of the frozen item text-embedding table, scaled to the ID
+    table's initial spread (``initializer_range``); everything else is SASRec."""
+
+    feature_tables = LLMFusedSequentialRecommender.feature_tables
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        init = whitening(self.item_text_emb, self.hidden_size)
+        if init.shape[1] < self.hidden_size:
+            raise ValueError(f"LLMInit: the text vectors have {init.shape[1]} dims, fewer than hidden_size "
+                             f"{self.hidden_size}; lower hidden_size")
+        with torch.no_grad():
+            self.item_embedding.weight.copy_(init * config["llminit_scale"] * self.initializer_range)
