@@ -175,22 +175,36 @@ class ProfilesHook(PrepHook):
         keys = list(new)
         if not keys:
             return 0.0
-        a = self._encoder.encode([old[k] for k in keys], normalize_embeddings=True, show_progress_bar=False)
-        b = self._encoder.encode([new[k] for k in keys], normalize_embeddings=True, show_progress_bar=False)
+        a, b = self._encode([old[k] for k in keys]), self._encode([new[k] for k in keys])
         return float(np.mean(1.0 - (a * b).sum(1)))
+
+    def _encode(self, texts: List[str]) -> np.ndarray:
+        """L2-normalised encodings ``[n, d]``, each text encoded once and kept in the record cache (a cached
+        rerun of the whole step then encodes nothing and never loads the encoder)."""
+        keys = [self._vectors.key(self.params["encoder"], t) for t in texts]
+        found = self._vectors.get_many(keys)
+        todo = sorted({k: i for i, k in enumerate(keys) if k not in found}.values())
+        if todo:
+            if self._encoder is None:
+                from sentence_transformers import SentenceTransformer
+
+                from recbole_llmfuse.llm import resolve_model_path
+
+                self._encoder = SentenceTransformer(resolve_model_path(self.params["encoder"]), device="cpu")
+            vecs = self._encoder.encode([texts[i] for i in todo], normalize_embeddings=True, show_progress_bar=False)
+            fresh = {keys[i]: v.astype(np.float32).tolist() for i, v in zip(todo, vecs)}
+            self._vectors.put_many(fresh)
+            found.update(fresh)
+        return np.asarray([found[k] for k in keys], dtype=np.float32)
 
     # -- the stage ---------------------------------------------------------------------------------------
     def run(self, progress: bool = True, **_) -> dict:
-        from sentence_transformers import SentenceTransformer
-
-        from recbole_llmfuse.llm import resolve_model_path
-
         p, start = self.params, time.perf_counter()
         if p["backend"] not in ("hf", "openai", "template"):
             raise PrepError(f"pte_profiles backend '{p['backend']}': hf, openai or template")
         self._progress, self._counts = progress, {"generated": 0, "cached": 0}
         self._cache = self.cache("generations")
-        self._encoder = SentenceTransformer(resolve_model_path(p["encoder"]), device="cpu")
+        self._vectors, self._encoder = self.cache("encodings"), None
         items = self._item_texts()
         hist = self.split.user_histories()  # training interactions only (the leakage boundary, spec §3.1)
         users = sorted(hist)
