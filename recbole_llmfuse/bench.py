@@ -10,6 +10,12 @@ seeds and a paired t-test against the first model), ``buckets.png`` (the metric 
 warm -> cold, per model), ``valid_curves.png`` (validation metric per epoch), ``logs/`` (a log and a JSON
 record per run) and ``saved/<model>-seed<seed>/`` (each run's checkpoints). ``--jobs N`` runs N at a time
 (``--gpus 0,1`` shares them out over GPUs).
+
+**Budget-matched comparison** (``--tune SPACE --tune_samples N``): before the seeded runs, every model is
+tuned on validation with the same Ray Tune budget — the same search space, number of trials, scheduler
+and epoch cap (``recbole-llmfuse tune``, one sweep per model under ``tune/<model>/``) — and its seeded
+runs use the values its sweep chose, so no model wins by tuning effort. Keys of the space that a model
+does not read are inert for it. ``results.md`` names the budget and each model's chosen values.
 """
 from __future__ import annotations
 
@@ -45,7 +51,7 @@ def _worker(spec: dict) -> List[dict]:
     name, variant = parse_variant(spec["model"])
     config = Config(
         name, spec["dataset"], config_file_list=spec["config_files"] or None,
-        config_dict={**variant, "seed": spec["seed"], "group_metrics": True, "show_progress": False,
+        config_dict={**spec.get("tuned", {}), **variant, "seed": spec["seed"], "group_metrics": True, "show_progress": False,
                      **spec.get("settings", {})},  # the bench's own: checkpoint_dir, gpu_id
         argv=spec["overrides"],
     )
@@ -56,7 +62,7 @@ def _worker(spec: dict) -> List[dict]:
     last = list(stages)[-1] if stages else None
     record = {
         "model": spec["model"], "seed": spec["seed"], "status": "ok",
-        "best_valid_score": float(run.best_valid_score),
+        "best_valid_score": float(run.best_valid_score), "tuned": json.dumps(spec.get("tuned", {})),
         "epoch_s": stages[last]["epoch_s"] if stages else (statistics.mean(trainer.epoch_times) if trainer.epoch_times else float("nan")),
         "eval_s": trainer.eval_times[-1],
         "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -141,7 +147,8 @@ def _paired_p(a: List[float], b: List[float]) -> str:
     return f"{stats.ttest_rel(a, b).pvalue:.3f}"
 
 
-def summarize(records: List[dict], models: List[str], metrics: List[str], out: str, baseline: str = None) -> str:
+def summarize(records: List[dict], models: List[str], metrics: List[str], out: str, baseline: str = None,
+              tuning: Optional[dict] = None) -> str:
     ok = [r for r in records if r["status"] == "ok"]
     rows: List[str] = []
     for m in models:  # each model, then its earlier phases (e.g. PAD/pretrain, PAD/align)
@@ -175,6 +182,11 @@ def summarize(records: List[dict], models: List[str], metrics: List[str], out: s
             + f" | {_mean_std([r['epoch_s'] for r in rs])} | {_mean_std([r['eval_s'] for r in rs])}"
             + f" | {_mean_std([r['peak_mem_mb'] for r in rs])} | {(rs[0]['trainable_params'] if rs else None) or 'n/a'} |"
         )
+    if tuning:
+        lines += ["", f"Budget-matched: every model was tuned on validation with the same budget ({tuning['budget']}); "
+                      "the seeded runs above use each model's chosen values:", ""]
+        lines += [f"- {m}: " + (", ".join(f"{k}={v}" for k, v in chosen.items()) or "no trial finished (defaults)")
+                  for m, chosen in tuning["chosen"].items()]
     failed = [r for r in records if r["status"] != "ok"]
     if failed:
         lines += ["", "Failed runs:"] + [f"- {r['model']} seed {r['seed']}: {r['error']}" for r in failed]
@@ -224,7 +236,7 @@ def _plots(by_model: Dict[str, List[dict]], metric: str, out: str) -> None:
 
 def _run_one(n: int, total: int, spec: dict, out: str, metrics, resume: bool, env: Optional[dict]) -> List[dict]:
     model, seed = spec["model"], spec["seed"]
-    stem = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in model)
+    stem = _stem(model)
     log = os.path.join(out, "logs", f"{stem}-seed{seed}.log")
     result_file = os.path.join(out, "logs", f"{stem}-seed{seed}.json")
     # RecBole names checkpoints <model>-<second>.pth: parallel runs of one model would collide
@@ -281,8 +293,73 @@ def _job_env(jobs: int) -> Optional[dict]:
     return env
 
 
+def _flag(key: str, value) -> str:
+    """A setting as a ``--key=value`` override (YAML flow for lists and dicts, as users write them)."""
+    import yaml
+
+    if isinstance(value, (str, bool, int, float)) or value is None:
+        return f"--{key}={value}"
+    return f"--{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"
+
+
+def tune_models(models, dataset, space: str, samples: int, config_files, overrides, out: str, metric: str,
+                jobs: int = 1, resume: bool = False, grace_period: int = 1) -> dict:
+    """One Tune sweep per model with the same space, trials, scheduler (ASHA) and epoch cap; returns
+    ``{"budget": words, "chosen": {model: {key: value}}}``. A model's bracket settings stay fixed in its sweep."""
+    from recbole_llmfuse.tune import parse_space, run_tune
+
+    keys = list(parse_space(space))
+    chosen = {}
+    for model in models:
+        name, variant = parse_variant(model)
+        folder = os.path.join(out, "tune", _stem(model))
+        record = os.path.join(folder, "chosen.json")
+        if resume and os.path.exists(record):
+            with open(record) as f:
+                chosen[model] = json.load(f)
+            print(f"tuning {model}: done earlier ({record})", flush=True)
+            continue
+        start = time.perf_counter()
+        result = run_tune(name, dataset, space, folder, config_files,
+                          overrides + [_flag(k, v) for k, v in variant.items()], num_samples=samples,
+                          scheduler="asha", metric=metric, cpus_per_trial=1, max_concurrent=jobs,
+                          grace_period=grace_period, num_cpus=jobs)
+        best = result["best"]
+        # a key the model's brackets fix is inert in its sweep (command-line overrides win): not "chosen"
+        chosen[model] = {k: best[k] for k in keys if k not in variant} if best else {}
+        with open(record, "w") as f:
+            json.dump(chosen[model], f)
+        print(f"tuning {model}: {len(result['rows'])} trials ({result['failed']} failed, {result['stopped_early']} "
+              f"stopped early) in {time.perf_counter() - start:.0f} s; chosen {chosen[model]}", flush=True)
+    budget = f"{samples} trials of {os.path.basename(space)} ({', '.join(keys)}), ASHA on validation {metric}"
+    with open(os.path.join(out, "tune", "budget.txt"), "w") as f:
+        f.write(f"{budget} on {dataset}\n")
+    return {"budget": budget, "chosen": chosen}
+
+
+def load_tuned(models, folder: str) -> dict:
+    """``{"budget", "chosen"}`` from an earlier bench's ``tune/`` folder (``<model>/chosen.json`` per model)."""
+    from recbole_llmfuse.config import ConfigError
+
+    chosen = {}
+    for model in models:
+        path = os.path.join(folder, _stem(model), "chosen.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"--tuned {folder}: no {path}; run a bench with --tune for {model} first")
+        with open(path) as f:
+            chosen[model] = json.load(f)
+    budget_file = os.path.join(folder, "budget.txt")
+    budget = open(budget_file).read().strip() if os.path.isfile(budget_file) else "an earlier sweep"
+    return {"budget": f"values chosen by {budget}, read from {os.path.abspath(folder)}", "chosen": chosen}
+
+
+def _stem(model: str) -> str:
+    """A model label as a file name: ``FAERec[backbone=FMLPRec]`` -> ``FAERec_backbone=FMLPRec_``."""
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in model)
+
+
 def run_bench(models, dataset, seeds, config_files, overrides, out, metrics, resume: bool = False,
-              jobs: int = 1, gpus: Optional[List[str]] = None) -> List[dict]:
+              jobs: int = 1, gpus: Optional[List[str]] = None, tuned: Optional[Dict[str, dict]] = None) -> List[dict]:
     """Runs every (model, seed), ``jobs`` at a time; records come back in run order whatever finishes first.
 
     With ``jobs > 1`` the runs share the machine, so their epoch times are comparable with each other only
@@ -292,7 +369,7 @@ def run_bench(models, dataset, seeds, config_files, overrides, out, metrics, res
     prepare_once(models, dataset, config_files, overrides)
     runs = [(m, s) for s in seeds for m in models]  # seed-major: drift on a shared machine hits every model
     specs = [{"model": m, "dataset": dataset, "seed": s, "config_files": config_files, "overrides": overrides,
-              "settings": {}} for m, s in runs]
+              "settings": {}, "tuned": (tuned or {}).get(m, {})} for m, s in runs]
     import queue
     from concurrent.futures import ThreadPoolExecutor
 
@@ -337,6 +414,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="runs at a time (default 1). Above 1, runs share CPUs/GPUs: use 1 for the epoch-time figures")
     parser.add_argument("--gpus", default=None,
                         help="comma-separated GPU ids shared out to the jobs round-robin (RecBole's gpu_id), e.g. 0,1")
+    parser.add_argument("--tune", default=None, metavar="SPACE",
+                        help="budget-matched: tune every model first with this search space (tune's YAML format) "
+                             "and the same trial budget, then run the seeds with each model's chosen values")
+    parser.add_argument("--tuned", default=None, metavar="DIR",
+                        help="take each model's chosen values from an earlier budget-matched bench: DIR/<model>/chosen.json "
+                             "(DIR = that bench's --out/tune)")
+    parser.add_argument("--tune_samples", type=int, default=8, help="trials per model with --tune (default 8)")
+    parser.add_argument("--tune_metric", default=None, help="validation metric of --tune (default: first report metric)")
+    parser.add_argument("--tune_grace_period", type=int, default=2, help="ASHA: epochs before a trial may be stopped")
     parser.add_argument("--baseline", default=None,
                         help="row the paired t-tests compare against (default: the first model), e.g. PAD/pretrain")
     parser.epilog = "Any other --key=value is a RecBole override applied to every model."
@@ -356,9 +442,22 @@ def main_from_args(args: argparse.Namespace, overrides: List[str]) -> int:
     if args.jobs < 1:
         raise ConfigError(f"--jobs {args.jobs}: give 1 or more")
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+    tuning = None
+    if args.tune and args.tuned:
+        raise ConfigError("give --tune (tune now) or --tuned DIR (values chosen earlier), not both")
+    if args.tuned:
+        tuning = load_tuned(models, args.tuned)
+    if args.tune:
+        if args.tune_samples < 1:
+            raise ConfigError(f"--tune_samples {args.tune_samples}: give 1 or more")
+        os.makedirs(args.out, exist_ok=True)
+        prepare_once(models, args.dataset, config_files, overrides)
+        tuning = tune_models(models, args.dataset, os.path.abspath(args.tune), args.tune_samples, config_files,
+                             overrides, args.out, args.tune_metric or metrics[0], args.jobs, args.resume,
+                             args.tune_grace_period)
     records = run_bench(models, args.dataset, seeds, config_files, overrides, args.out, metrics, args.resume,
-                        args.jobs, gpus)
-    print(summarize(records, models, metrics, args.out, args.baseline))
+                        args.jobs, gpus, tuned=tuning["chosen"] if tuning else None)
+    print(summarize(records, models, metrics, args.out, args.baseline, tuning))
     return 0 if any(r["status"] == "ok" for r in records) else 1
 
 

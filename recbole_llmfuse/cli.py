@@ -157,6 +157,15 @@ def _add_prep_arguments(prep: argparse.ArgumentParser) -> None:
     p.add_argument("--last_n", type=int, default=None, help="keep each user's last N interactions (PAD: 23)")
     p.add_argument("--drop_no_title", action="store_true")
     p.add_argument("--skip_bad_lines", action="store_true", help="skip and count malformed lines instead of stopping")
+    p = sub.add_parser("sparsify", help="a sparse long-tail variant of a dataset (per-user subsampling + min counts)")
+    p.add_argument("--dataset", "-d", required=True, help="source dataset (e.g. ml-100k)")
+    p.add_argument("--name", required=True, help="name of the variant, written to <data_path>/<name>/")
+    p.add_argument("--data_path", default="dataset/", help="folder that holds <dataset>/ (default: dataset/)")
+    p.add_argument("--mean_length", type=float, default=8.0, help="target mean interactions per user (Amazon: 8-9)")
+    p.add_argument("--min_user", type=int, default=5, help="users keep at least this many; fewer are dropped")
+    p.add_argument("--min_item", type=int, default=1, help="items with fewer interactions are dropped")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an existing <name>/ folder")
 
 
 def _prep(args: argparse.Namespace, rest: List[str]) -> int:
@@ -167,6 +176,8 @@ def _prep(args: argparse.Namespace, rest: List[str]) -> int:
 
     if args.prep_command == "amazon":
         return _prep_amazon(args, rest)
+    if args.prep_command == "sparsify":
+        return _prep_sparsify(args, rest)
     from recbole_llmfuse.config import Config
     from recbole_llmfuse.dataset_prep.hooks import HookConflictError, get_hook, resolve
 
@@ -248,6 +259,25 @@ def _prep_amazon(args: argparse.Namespace, rest: List[str]) -> int:
     if report.bad_lines or report.duplicates or report.items_without_title:
         print(f"skipped malformed lines: {report.bad_lines or 0}; duplicate reviews dropped: {report.duplicates}; "
               f"items without title: {report.items_without_title}")
+    return 0
+
+
+def _prep_sparsify(args: argparse.Namespace, rest: List[str]) -> int:
+    from recbole_llmfuse.config import ConfigError
+    from recbole_llmfuse.data import dataset_folder
+    from recbole_llmfuse.dataset_prep import sparsify
+
+    if rest:
+        raise ConfigError(f"unrecognized arguments: {' '.join(rest)}")
+    options = sparsify.SparsifyOptions(mean_length=args.mean_length, min_user=args.min_user,
+                                       min_item=args.min_item, seed=args.seed)
+    try:
+        report = sparsify.sparsify(dataset_folder(args.dataset, args.data_path), args.dataset,
+                                   os.path.abspath(os.path.expanduser(args.data_path)), args.name, options, args.force)
+    except sparsify.SparsifyError as err:
+        raise ConfigError(str(err)) from None
+    print(sparsify.table(report))
+    print(f"wrote {report['folder']} (rule and statistics: {args.name}.sparsify.json)")
     return 0
 
 

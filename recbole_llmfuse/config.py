@@ -143,7 +143,7 @@ class Config(RecBoleConfig):
         # unless every user repeats `train_neg_sample_args: ~`. Only a default is changed here: a value
         # the user set still meets RecBole's check.
         if (
-            final.get("loss_type") == "CE"
+            final.get("loss_type") in ("CE", "InfoNCE")  # InfoNCE draws its negatives inside the loss
             and final.get("MODEL_TYPE") == ModelType.SEQUENTIAL
             and "train_neg_sample_args" not in self.external_config_dict
         ):
@@ -160,8 +160,29 @@ class Config(RecBoleConfig):
             root = self.external_config_dict.get("data_path") or self.internal_config_dict.get("data_path", "dataset/")
             self.final_config_dict["data_path"] = os.path.join(root, self.dataset)
         self.final_config_dict["data_path"] = os.path.abspath(os.path.expanduser(self.final_config_dict["data_path"]))
+        self._load_time_column()
         if self.final_config_dict.get("checkpoint_dir"):
             self.final_config_dict["checkpoint_dir"] = os.path.abspath(os.path.expanduser(self.final_config_dict["checkpoint_dir"]))
+
+
+    def _load_time_column(self) -> None:
+        """Sequential models order each user's interactions by time, but RecBole's default ``load_col`` reads
+        only user and item ids, so any dataset without its own dataset YAML stopped with "[timestamp] is not
+        exist in interaction". When the user did not set ``load_col`` and the ``.inter`` header has the time
+        column, it is loaded too."""
+        final = self.final_config_dict
+        load_col, time_field = final.get("load_col"), final.get("TIME_FIELD")
+        if (final.get("MODEL_TYPE") != ModelType.SEQUENTIAL or "load_col" in self.external_config_dict
+                or not isinstance(load_col, dict) or not time_field or time_field in (load_col.get("inter") or [])):
+            return
+        path = os.path.join(final["data_path"], f"{self.dataset}.inter")
+        try:
+            with open(path, encoding="utf-8") as f:
+                names = [h.split(":", 1)[0] for h in f.readline().rstrip("\n").split("\t")]
+        except OSError:
+            return  # a missing dataset is reported by the dataset check, with its own message
+        if time_field in names:
+            final["load_col"] = {**load_col, "inter": list(load_col.get("inter") or []) + [time_field]}
 
 
 __all__ = ["Config", "ConfigError", "parse_overrides"]

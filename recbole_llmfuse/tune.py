@@ -193,7 +193,7 @@ def run_tune(model: str, dataset: str, space_file: str, out: str, config_files: 
     max_t = int(probe["epochs"]) * (len(probe["train_stages"]) if staged and probe["train_stages"] else 1)
     metric = metric.lower()
     if scheduler == "asha":
-        sched = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=grace_period,
+        sched = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=min(grace_period, max_t),
                               reduction_factor=reduction_factor)
     elif scheduler == "fifo":
         sched = FIFOScheduler()

@@ -45,10 +45,12 @@ def test_buckets_come_from_the_training_split(small_cfg, with_embeddings):
         assert counts[bucket == b].min() >= counts[bucket == b + 1].max()
 
 
-@pytest.mark.parametrize("gate", ["bucket", "mlp", "global"])
-def test_full_sort_equals_per_item_gated_scores(small_cfg, with_embeddings, gate):
-    """Full ranking gathers a per-(user, bucket) gate; per-item scoring runs the gate on each candidate."""
-    _, _, model, _, _, test_data = _build(_pad_cfg(small_cfg, with_embeddings, gate=gate))
+@pytest.mark.parametrize("gate,loss_type", [("bucket", "CE"), ("mlp", "CE"), ("global", "CE"), ("bucket", "InfoNCE")])
+def test_full_sort_equals_per_item_gated_scores(small_cfg, with_embeddings, gate, loss_type):
+    """Full ranking folds a user-independent gate into the candidates (or gathers a per-(user, bucket) mlp
+    gate); per-item scoring runs the gate on each candidate. InfoNCE: per-expert cosines in both."""
+    _, _, model, _, _, test_data = _build(_pad_cfg(small_cfg, with_embeddings, gate=gate, loss_type=loss_type))
+    assert model.cosine == (loss_type == "InfoNCE")
     with torch.no_grad():  # move the gate away from its symmetric start
         for p in model.gate.parameters():
             p.add_(torch.randn_like(p))

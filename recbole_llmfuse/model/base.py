@@ -4,8 +4,9 @@
   (``forward`` -> sequence representation, ``item_vectors``, ``all_item_vectors``; or override
   ``score_items``/``score_all`` for non-dot-product scoring); it supplies the losses
   (``loss_type``: ``CE`` | ``BPR`` | ``BCE`` | ``InfoNCE`` = sampled softmax over the target and
-  ``infonce_negatives`` uniform negatives, logits / ``infonce_temperature``, cosine when ``infonce_cosine``,
-  as PtE's SASRec, spec PtE §5.1), ``predict`` and ``full_sort_predict``.
+  ``infonce_negatives`` negatives, logits / ``infonce_temperature``, cosine when ``infonce_cosine``,
+  as PtE's SASRec, spec PtE §5.1; negatives uniform, or by training popularity with the logQ correction
+  when ``infonce_sampler: popularity``), ``predict`` and ``full_sort_predict``.
 * **feature tables**: a model lists the tables it needs in ``feature_tables`` (each a
   :class:`~recbole_llmfuse.data.FeatureTable`: item text embeddings, ragged item token ids, user
   embeddings, a pre-trained ID table ...); the prep hook of each runs when its file is missing and the
@@ -20,6 +21,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -43,6 +45,14 @@ def uniform_negatives(pos: torch.Tensor, k: int, n_items: int) -> torch.Tensor:
     return draw + (draw >= pos.unsqueeze(1)).long()
 
 
+def popularity_negatives(pos: torch.Tensor, k: int, log_q: torch.Tensor):
+    """``k`` negatives per row drawn with replacement from ``q = exp(log_q)`` ``[n_items]`` (item 0 has
+    ``q = 0``): ``(negatives [B, K], is_target [B, K])``; draws equal to the row's target are masked out of
+    the softmax by the caller."""
+    draw = torch.multinomial(log_q.exp(), pos.shape[0] * k, replacement=True).view(pos.shape[0], k)
+    return draw, draw == pos.unsqueeze(1)
+
+
 class SequentialBase(SequentialRecommender):
     """Subclasses implement ``forward`` and ``item_vectors``/``all_item_vectors`` (see module docstring)."""
 
@@ -55,6 +65,15 @@ class SequentialBase(SequentialRecommender):
         if self.loss_type == "InfoNCE":
             self.infonce_negatives = int(config["infonce_negatives"])
             self.infonce_temperature = float(config["infonce_temperature"])
+            self.infonce_sampler = config["infonce_sampler"]
+            if self.infonce_sampler not in ("uniform", "popularity"):
+                raise ValueError(f"infonce_sampler '{self.infonce_sampler}': use uniform or popularity")
+            if self.infonce_sampler == "popularity":  # q_i proportional to training count + 1 (no item has q = 0)
+                from recbole_llmfuse.data import training_counts
+
+                counts = torch.from_numpy(training_counts(dataset)[0]).double() + 1
+                counts[0] = 0
+                self.register_buffer("infonce_log_q", (counts / counts.sum()).log().float(), persistent=False)
         #: cosine scoring (training and ranking) for InfoNCE with infonce_cosine
         self.cosine = self.loss_type == "InfoNCE" and bool(config["infonce_cosine"])
         self._register_feature_tables(dataset)
@@ -119,10 +138,8 @@ class SequentialBase(SequentialRecommender):
         pos_items = interaction[self.POS_ITEM_ID]
         if self.loss_type == "CE":
             return F.cross_entropy(self.score_all(seq_output), pos_items)
-        if self.loss_type == "InfoNCE":  # target in column 0 of [target, negatives]
-            cand = torch.cat([pos_items.unsqueeze(1), uniform_negatives(pos_items, self.infonce_negatives, self.n_items)], 1)
-            logits = self.score_items(seq_output, cand) / self.infonce_temperature
-            return F.cross_entropy(logits, torch.zeros_like(pos_items))
+        if self.loss_type == "InfoNCE":
+            return self.sampled_softmax(seq_output, pos_items)
         pos = self.score_items(seq_output, pos_items)
         neg = self.score_items(seq_output, interaction[self.NEG_ITEM_ID])
         if self.loss_type == "BPR":  # RecBole's BPRLoss
@@ -130,6 +147,26 @@ class SequentialBase(SequentialRecommender):
         return F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos)) + F.binary_cross_entropy_with_logits(
             neg, torch.zeros_like(neg)
         )
+
+    def draw_negatives(self, pos_items: torch.Tensor):
+        """InfoNCE negatives ``[B, K]`` and, for the popularity sampler, which of them equal the target."""
+        if self.infonce_sampler == "uniform":
+            return uniform_negatives(pos_items, self.infonce_negatives, self.n_items), None
+        return popularity_negatives(pos_items, self.infonce_negatives, self.infonce_log_q)
+
+    def sampled_softmax(self, seq_output, pos_items: torch.Tensor) -> torch.Tensor:
+        """InfoNCE over ``[target, K negatives]`` (target in column 0). Popularity negatives get the logQ
+        correction ``s - log q`` (Yi et al., RecSys 2019, "Sampling-bias-corrected neural modeling", Eq. 3),
+        applied to every column, so the sampled softmax estimates the full softmax; a negative equal to the
+        target is masked out. Negatives drawn earlier in the step (``self._drawn``) are used when present."""
+        drawn, self._drawn = getattr(self, "_drawn", None), None
+        negatives, is_target = drawn if drawn is not None else self.draw_negatives(pos_items)
+        cand = torch.cat([pos_items.unsqueeze(1), negatives], 1)
+        logits = self.score_items(seq_output, cand) / self.infonce_temperature
+        if is_target is not None:
+            logits = logits - self.infonce_log_q[cand]
+            logits = logits.masked_fill(F.pad(is_target, (1, 0)), float("-inf"))
+        return F.cross_entropy(logits, torch.zeros_like(pos_items))
 
     def predict(self, interaction) -> torch.Tensor:
         return self.score_items(self.encode(interaction), interaction[self.ITEM_ID])
@@ -171,10 +208,48 @@ class LLMFusedSequentialRecommender(SequentialBase):
         super().__init__(config, dataset)
         self.text_dim = self.item_text_emb.shape[1]
         self._eval_cache = {}
+        self._in_step = False
 
     def train(self, mode: bool = True):
         self._eval_cache = {}  # model.eval() / model.train() start a new evaluation or training epoch
         return super().train(mode)
+
+    @contextlib.contextmanager
+    def shared_projections(self, interaction):
+        """One training step's scope in which every text projector (sub-modules with ``begin_step``, e.g.
+        :class:`~recbole_llmfuse.model.fusion.TextTokens`) projects the step's items once, on first use, and
+        serves history tokens, targets, negatives and alignment terms from that one projection: all items
+        with ``loss_type: CE`` (the softmax needs them anyway), else the distinct items of history, targets
+        and sampled negatives (InfoNCE's negatives are drawn here, before the forward pass, for that). The
+        copies of an item in a step share one dropout mask. Re-entrant; a no-op outside training."""
+        sources = [m for m in self.modules() if hasattr(m, "begin_step")]
+        if self._in_step or not self.training or not sources:
+            yield
+            return
+        seq = interaction[self.ITEM_SEQ]
+        if self.loss_type == "CE":
+            items = torch.arange(self.n_items, device=seq.device)
+        else:
+            parts = [seq.reshape(-1), interaction[self.POS_ITEM_ID].reshape(-1)]
+            if self.NEG_ITEM_ID in interaction:
+                parts.append(interaction[self.NEG_ITEM_ID].reshape(-1))
+            if self.loss_type == "InfoNCE":  # drawn now, so the projection covers them
+                self._drawn = self.draw_negatives(interaction[self.POS_ITEM_ID])
+                parts.append(self._drawn[0].reshape(-1))
+            items = torch.cat(parts)
+        self._in_step = True
+        for source in sources:
+            source.begin_step(items, self.item_text_emb)
+        try:
+            yield
+        finally:
+            for source in sources:
+                source.end_step()
+            self._in_step, self._drawn = False, None
+
+    def calculate_loss(self, interaction) -> torch.Tensor:
+        with self.shared_projections(interaction):
+            return super().calculate_loss(interaction)
 
     def eval_cached(self, key: str, compute):
         """``compute()`` once per evaluation: in eval mode without autograd (RecBole's ``evaluate``) the

@@ -195,7 +195,9 @@ class FAERec(LLMFusedSequentialRecommender):
     def calculate_loss(self, interaction) -> torch.Tensor:
         if self.training:
             self.steps += 1
-        terms, weights = self.loss_terms(interaction), self.loss_weights()
+        with self.shared_projections(interaction):  # the adapter projects the step's items once
+            terms = self.loss_terms(interaction)
+        weights = self.loss_weights()
         loss = terms.pop("rec")
         for name, term in terms.items():
             loss = loss + weights[name] * term

@@ -49,20 +49,48 @@ class TextTokens(nn.Module):
 
     Each distinct item of a call is projected once (``torch.unique``): a batch of ``B x L`` tokens has
     far fewer distinct items, and the projector (``text_dim`` is 384-4096) would otherwise cost more
-    than the transformer. Equal to per-token projection when dropout is off; with dropout, the copies
-    of one item in a batch share a mask.
+    than the transformer. Within a training step (:meth:`begin_step` .. :meth:`end_step`, opened by
+    ``LLMFusedSequentialRecommender.shared_projections``) the step's items are projected once, on first
+    use, and every call of the step (history, targets, negatives, all items) reads from that projection.
+    Equal to per-token projection when dropout is off; with dropout, the copies of one item in a step
+    share a mask.
     """
 
     def __init__(self, text_dim: int, dim: int, hidden_sizes: Sequence[int] = (), dropout_prob: float = 0.0):
         super().__init__()
         self.dim = dim
         self.projector = MLP(text_dim, list(hidden_sizes or []), dim, dropout_prob)
+        self._step = None  # (items, table, (distinct items, their projection) once computed)
+
+    def begin_step(self, items: torch.Tensor, table: torch.Tensor) -> None:
+        self._step = [items, table, None]
+
+    def end_step(self) -> None:
+        self._step = None
+
+    def _step_rows(self, table: torch.Tensor):
+        """``(distinct items [U], projection [U, d])`` of the open step, or ``None``."""
+        if self._step is None or self._step[1] is not table:
+            return None
+        if self._step[2] is None:
+            uniq = torch.unique(self._step[0])
+            self._step[2] = (uniq, self.projector(table[uniq]))
+        return self._step[2]
 
     def forward(self, items: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        rows = self._step_rows(table)
+        if rows is not None:
+            uniq, projected = rows
+            index = torch.searchsorted(uniq, items).clamp_max(uniq.numel() - 1)
+            if bool((uniq[index] == items).all()):
+                return projected[index]
         uniq, inverse = torch.unique(items, return_inverse=True)
         return self.projector(table[uniq])[inverse]
 
     def all(self, table: torch.Tensor) -> torch.Tensor:
+        rows = self._step_rows(table)
+        if rows is not None and rows[0].numel() == table.shape[0]:
+            return rows[1]
         return self.projector(table)
 
 

@@ -2,7 +2,7 @@
 
 Three phases in one ``run_recbole --model=PAD`` (:class:`~recbole_llmfuse.trainer.StagedTrainer`):
 
-1. ``pretrain`` — the ID expert (SASRec over ``E_id``) alone, BCE with sampled negatives;
+1. ``pretrain`` — the ID expert (SASRec over ``E_id``) alone, with the rec loss (``loss_type``);
 2. ``align`` — the alignment expert: tokens ``fuse(E_al[i], MLP_w(T[i]))`` with ``E_al`` (and, with
    ``concat_linear`` fusion, the transformer) copied from phase 1; loss = rec + ``mmd_weight`` *
    MK-MMD(``MLP_w(T)``, ``E_al``) over items of the batch;
@@ -19,6 +19,7 @@ from logging import getLogger
 from typing import Dict, List
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from recbole_llmfuse import checkpoint
@@ -142,23 +143,39 @@ class PAD(LLMFusedSequentialRecommender):
     def score_items(self, users: List[torch.Tensor], items: torch.Tensor) -> torch.Tensor:
         """Gated logits of given candidates: ``items [B]`` -> ``[B]``, ``[B, K]`` -> ``[B, K]``."""
         names = self._scoring()
-        logits = [Expert.score(u, self.experts[e].vectors(items, self.item_text_emb)) for e, u in zip(names, users)]
+        logits = [Expert.score(*self._unit(u, self.experts[e].vectors(items, self.item_text_emb)))
+                  for e, u in zip(names, users)]
         if len(names) == 1:
             return logits[0]
         weights = self.gate(self.item_bucket[items], users)  # the candidate's own bucket
         return (weights * torch.stack(logits, -1)).sum(-1)
 
     def score_all(self, users: List[torch.Tensor]) -> torch.Tensor:
-        """``[B, n_items]``: ``sum_e G[u, b(i), e] * <u_e, x_e(i)>`` with ``G`` computed per (user, bucket)."""
+        """``[B, n_items]``: ``sum_e G[u, b(i), e] * <u_e, x_e(i)>``.
+
+        A gate that does not read the user (``bucket``, ``global``) is folded into the candidates:
+        ``[u_1 ; .. ; u_E] @ [G[b(i), 1] x_1(i) ; .. ; G[b(i), E] x_E(i)]^T``, one matmul instead of E score
+        matrices and E weight matrices ``[B, n_items]`` (the full-softmax loss pays this every step). The
+        ``mlp`` gate is computed once per (user, bucket) and gathered by each item's bucket."""
         names = self._scoring()
+        pairs = [self._unit(u, self._candidates(name)) for name, u in zip(names, users)]
         if len(names) == 1:
-            return users[0] @ self._candidates(names[0]).T
+            return pairs[0][0] @ pairs[0][1].T
+        if self.gate.kind != "mlp":
+            weight = self.gate(self.item_bucket, users)  # [n_items, E], the same for every user
+            candidates = torch.cat([weight[:, j:j + 1] * cand for j, (_, cand) in enumerate(pairs)], -1)
+            return torch.cat([u for u, _ in pairs], -1) @ candidates.T
         per_bucket = self.gate.per_bucket(users, self.n_buckets)  # [B, n_buckets+1, E]
         scores = 0
-        for j, (name, u) in enumerate(zip(names, users)):
-            weight = per_bucket[:, :, j][:, self.item_bucket]  # [B, n_items]
-            scores = scores + weight * (u @ self._candidates(name).T)
+        for j, (u, cand) in enumerate(pairs):
+            scores = scores + per_bucket[:, :, j][:, self.item_bucket] * (u @ cand.T)
         return scores
+
+    def _unit(self, u: torch.Tensor, cand: torch.Tensor):
+        """Each expert's logits are cosines with ``loss_type: InfoNCE`` and ``infonce_cosine`` (as the base)."""
+        if not self.cosine:
+            return u, cand
+        return F.normalize(u, dim=-1), F.normalize(cand, dim=-1)
 
     def _candidates(self, name: str) -> torch.Tensor:
         """Expert ``name``'s vectors of every item ``[n_items, d_e]`` (once per evaluation)."""
@@ -170,10 +187,11 @@ class PAD(LLMFusedSequentialRecommender):
 
     # -- loss -----------------------------------------------------------------------------------------
     def calculate_loss(self, interaction) -> torch.Tensor:
-        if self.stage != "align" or self.align_loss_name == "none" or self.mmd_weight == 0:
-            return super().calculate_loss(interaction)
-        loss = super().calculate_loss(interaction) if self.align_anchor else 0.0
-        return loss + self.mmd_weight * self.alignment_term(interaction)
+        with self.shared_projections(interaction):  # one projection per projector per step, shared below
+            if self.stage != "align" or self.align_loss_name == "none" or self.mmd_weight == 0:
+                return super().calculate_loss(interaction)
+            loss = super().calculate_loss(interaction) if self.align_anchor else 0.0
+            return loss + self.mmd_weight * self.alignment_term(interaction)
 
     def alignment_term(self, interaction) -> torch.Tensor:
         """Alignment loss between ``MLP_w(T[j])`` and ``E_al[j]`` over the batch's item occurrences.
