@@ -157,8 +157,8 @@ class SequentialBase(SequentialRecommender):
     def sampled_softmax(self, seq_output, pos_items: torch.Tensor) -> torch.Tensor:
         """InfoNCE over ``[target, K negatives]`` (target in column 0). Popularity negatives get the logQ
         correction ``s - log q`` (Yi et al., RecSys 2019, "Sampling-bias-corrected neural modeling", Eq. 3),
-        applied to every column, so the sampled softmax estimates the full softmax; a negative equal to the
-        target is masked out. Negatives drawn earlier in the step (``self._drawn``) are used when present."""
+        applied to every column, which removes the sampler's popularity bias (the corrected sampled softmax
+        approaches the full softmax as K grows); a negative equal to the target is masked out. Negatives drawn earlier in the step (``self._drawn``) are used when present."""
         drawn, self._drawn = getattr(self, "_drawn", None), None
         negatives, is_target = drawn if drawn is not None else self.draw_negatives(pos_items)
         cand = torch.cat([pos_items.unsqueeze(1), negatives], 1)
