@@ -349,7 +349,10 @@ def load_tuned(models, folder: str) -> dict:
         with open(path) as f:
             chosen[model] = json.load(f)
     budget_file = os.path.join(folder, "budget.txt")
-    budget = open(budget_file).read().strip() if os.path.isfile(budget_file) else "an earlier sweep"
+    budget = "an earlier sweep"
+    if os.path.isfile(budget_file):
+        with open(budget_file) as f:
+            budget = f.read().strip()
     return {"budget": f"values chosen by {budget}, read from {os.path.abspath(folder)}", "chosen": chosen}
 
 
