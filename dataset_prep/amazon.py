@@ -106,13 +106,15 @@ class ConversionReport:
 
 
 def clean_text(value, limit: int) -> str:
-    """Text of a metadata field (str or list of str): HTML unescaped, tags dropped, one line, cut to ``limit``."""
+    """Text of a metadata field (str or list of str): HTML unescaped, tags dropped, one line, no leading double
+    quote, cut to ``limit``."""
     if value is None:
         return ""
     if isinstance(value, (list, tuple)):
         value = " ".join(clean_text(v, limit) for v in value if v)
     text = html.unescape(_TAG.sub(" ", html.unescape(str(value))))
-    text = _SPACE.sub(" ", text).strip()
+    # one line; a leading double quote would make RecBole's reader take the field for a quoted one
+    text = _SPACE.sub(" ", text).strip().lstrip('"').lstrip()
     return text[:limit].rstrip()
 
 

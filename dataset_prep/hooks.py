@@ -230,6 +230,9 @@ class PrepHook:
     runtime_params: tuple = ("auto_run",)
     #: ``recbole-llmfuse prep <cli>`` runs this hook (default: ``prep hook <name>``)
     cli: Optional[str] = None
+    #: parameters added after the hook's outputs were first made: left out of the fingerprint while at their
+    #: default, so outputs made before they existed stay fresh (not rebuilt on upgrade)
+    late_params: tuple = ()
 
     def __init__(self, data_path: str, dataset: str, params: Optional[dict] = None, config=None):
         """``data_path``: the dataset's own folder (``<data_path>/<dataset>`` in RecBole terms).
@@ -283,7 +286,9 @@ class PrepHook:
 
     # -- shared -------------------------------------------------------------------------------------
     def shaping_params(self) -> dict:
-        return {k: v for k, v in self.params.items() if k not in self.runtime_params}
+        defaults = self.default_params() if self.late_params else {}
+        return {k: v for k, v in self.params.items()
+                if k not in self.runtime_params and not (k in self.late_params and v == defaults.get(k))}
 
     @functools.cached_property
     def split(self) -> TrainingSplit:
@@ -354,7 +359,7 @@ class PrepHook:
         return {**{k: v for k, v in defaults.items() if k not in self.runtime_params}, **made}
 
     def _param_diff(self, made: dict, wanted: dict) -> set:
-        made = self._made_params(made)
+        made, wanted = self._made_params(made), self._made_params(wanted)
         return {k for k in set(made) | set(wanted) if made.get(k) != wanted.get(k)}
 
     def conflict_message(self) -> str:
@@ -442,11 +447,12 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def builtin_hooks() -> Dict[str, Type[PrepHook]]:
     from recbole_llmfuse.dataset_prep.embed import ItemTextEmbeddingHook
+    from recbole_llmfuse.dataset_prep.encoder_lora import ItemEncoderLoraHook
     from recbole_llmfuse.dataset_prep.item_tokens import ItemTokensHook
     from recbole_llmfuse.dataset_prep.pretrained_ids import SASRecItemTableHook
     from recbole_llmfuse.dataset_prep.profiles import ProfileEmbeddingHook, ProfilesHook
 
-    return {h.name: h for h in (ItemTextEmbeddingHook, ItemTokensHook, SASRecItemTableHook, ProfilesHook,
+    return {h.name: h for h in (ItemTextEmbeddingHook, ItemEncoderLoraHook, ItemTokensHook, SASRecItemTableHook, ProfilesHook,
                                 ProfileEmbeddingHook)}
 
 

@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+from recbole_llmfuse.atomic import header_names
 from recbole_llmfuse.config import ConfigError
 
 DEFAULT_FALLBACK = "unknown item"
@@ -56,7 +57,7 @@ def read_item_file(path: str, id_field: str = "item_id") -> tuple:
             header = next(reader)
         except StopIteration:
             raise ItemTextError(f"{path}: empty file; expected a header such as 'item_id:token<TAB>title:token_seq'") from None
-        columns = [h.split(":", 1)[0] for h in header]
+        columns = header_names(path)
         if id_field not in columns:
             raise ItemTextError(f"{path}, line 1: no '{id_field}' column in header {header}; the item id column must be named {id_field}:token")
         rows = []
@@ -89,6 +90,8 @@ def build_item_texts(
         if unknown:
             raise ItemTextError(f"item_text_template uses {unknown}, which {path} does not have; its columns: {columns}")
     else:
+        if isinstance(fields, str):  # one column from a command line (--item_text_fields=movie_title), or "a,b"
+            fields = [f.strip() for f in fields.split(",") if f.strip()]
         fields = list(fields) if fields else [c for c in columns if c != id_field]
         unknown = sorted(set(fields) - set(columns))
         if unknown:

@@ -338,12 +338,15 @@ def tune_models(models, dataset, space: str, samples: int, config_files, overrid
 
 
 def load_tuned(models, folder: str) -> dict:
-    """``{"budget", "chosen"}`` from an earlier bench's ``tune/`` folder (``<model>/chosen.json`` per model)."""
+    """``{"budget", "chosen"}`` from an earlier bench's ``tune/`` folder (``<model>/chosen.json`` per model; a
+    variant ``MoRec[...]`` without its own folder uses ``MoRec/chosen.json``)."""
     from recbole_llmfuse.config import ConfigError
 
     chosen = {}
     for model in models:
         path = os.path.join(folder, _stem(model), "chosen.json")
+        if not os.path.isfile(path):  # a variant without its own sweep takes its model's values (brackets win)
+            path = os.path.join(folder, _stem(parse_variant(model)[0]), "chosen.json")
         if not os.path.isfile(path):
             raise ConfigError(f"--tuned {folder}: no {path}; run a bench with --tune for {model} first")
         with open(path) as f:

@@ -176,9 +176,10 @@ class Config(RecBoleConfig):
                 or not isinstance(load_col, dict) or not time_field or time_field in (load_col.get("inter") or [])):
             return
         path = os.path.join(final["data_path"], f"{self.dataset}.inter")
+        from recbole_llmfuse.atomic import header_names
+
         try:
-            with open(path, encoding="utf-8") as f:
-                names = [h.split(":", 1)[0] for h in f.readline().rstrip("\n").split("\t")]
+            names = header_names(path)
         except OSError:
             return  # a missing dataset is reported by the dataset check, with its own message
         if time_field in names:

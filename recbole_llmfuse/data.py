@@ -16,6 +16,7 @@ from recbole.data.dataset import SequentialDataset
 from recbole.utils import FeatureSource, FeatureType, ModelType
 
 from recbole_llmfuse import registry
+from recbole_llmfuse.atomic import check_dataset
 from recbole_llmfuse.dataset_prep import hooks as prep_hooks
 from recbole_llmfuse.dataset_prep import itememb
 from recbole_llmfuse.dataset_prep.itememb import ItemEmbeddingError
@@ -90,8 +91,13 @@ def write_ml100k_slice(root: str, name: str, users: int, last: Optional[int] = N
 
 
 def _check_atomic_files(config) -> None:
+    """The dataset exists (else :class:`DatasetNotFoundError`) and its atomic files are well-formed
+    (``check_atomic_files``; :mod:`recbole_llmfuse.atomic`)."""
     name, path = config["dataset"], config["data_path"]
     if os.path.isfile(os.path.join(path, f"{name}.inter")):
+        if config["check_atomic_files"]:
+            sequential = config["MODEL_TYPE"] == ModelType.SEQUENTIAL
+            check_dataset(path, name, config["TIME_FIELD"] if sequential else None)
         return
     benchmark = config["benchmark_filename"]
     if benchmark and all(os.path.isfile(os.path.join(path, f"{name}.{part}.inter")) for part in benchmark):
@@ -117,7 +123,7 @@ def prepare(config) -> list:
     prepare_folder(config)
     if not config["prep_auto_run"]:
         return []
-    return prep_hooks.ensure(config, [t.hook for t in model_tables(config["model"])])
+    return prep_hooks.ensure(config, [table_hook(config, t) for t in model_tables(config["model"])])
 
 
 def dataset_folder(dataset: str, data_path: str = "dataset/") -> str:
@@ -148,6 +154,12 @@ class FeatureTable:
     ragged: bool = False
     description: str = "a feature table"
     output: str = ""
+
+
+def table_hook(config, table: FeatureTable) -> str:
+    """The prep hook whose output fills ``table``: config key ``<options>_hook`` when set (e.g. ``item_emb_hook:
+    item_encoder_lora`` feeds a model the LoRA-tuned item vectors), else the hook the model declares."""
+    return config[f"{table.options}_hook"] or table.hook
 
 
 def model_tables(model_name) -> Tuple[FeatureTable, ...]:
@@ -349,7 +361,7 @@ class FeatureSequentialDataset(SequentialDataset):
             raise ItemEmbeddingError(
                 f"{table.options}_format must be auto | npz | text and {table.options}_missing error | zero; got "
                 f"{fmt!r} and {missing!r}")
-        hook = prep_hooks.make_hook(table.hook, config)
+        hook = prep_hooks.make_hook(table_hook(config, table), config)
         npz_path, text_path = hook.table_files(table.output)
         if fmt == "auto":
             fmt = "npz" if os.path.isfile(npz_path) else "text" if text_path and os.path.isfile(text_path) else None

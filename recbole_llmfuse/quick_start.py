@@ -19,7 +19,7 @@ from recbole.utils import get_environment, get_flops, init_logger, init_seed, se
 
 from recbole_llmfuse import checkpoint, registry
 from recbole_llmfuse.config import Config
-from recbole_llmfuse.data import create_dataset, data_preparation
+from recbole_llmfuse.data import create_dataset, data_preparation, prepare_folder
 
 
 def make_trainer(config, model):
@@ -85,6 +85,7 @@ def execute(config, callbacks: Sequence[object] = (), saved: bool = True, test: 
     after ``fit``). ``saved``: keep the best checkpoint and test it; ``test``: evaluate on the test split.
     """
     init_seed(config["seed"], config["reproducibility"])
+    prepare_folder(config)  # a missing or malformed dataset is said before ~100 lines of configuration
     init_logger(config)
     logger = getLogger()
     if verbose:

@@ -158,5 +158,8 @@ def test_tuned_values_are_read_per_model_and_a_missing_one_is_named(tmp_path):
     tuning = load_tuned(["PAD"], str(tmp_path))
     assert tuning["chosen"] == {"PAD": {"learning_rate": 0.001, "loss_type": "CE"}}
     assert "6 trials of budget.yaml" in tuning["budget"]
-    with pytest.raises(ConfigError, match=r"FAERec_backbone=FMLPRec_.chosen.json; run a bench with --tune"):
+    # a variant without a sweep of its own takes its model's values; a model without any is named
+    assert load_tuned(["PAD[item_emb_hook=item_encoder_lora]"], str(tmp_path))["chosen"] == {
+        "PAD[item_emb_hook=item_encoder_lora]": {"learning_rate": 0.001, "loss_type": "CE"}}
+    with pytest.raises(ConfigError, match=r"FAERec.chosen.json; run a bench with --tune for FAERec\[backbone"):
         load_tuned(["PAD", "FAERec[backbone=FMLPRec]"], str(tmp_path))

@@ -204,14 +204,3 @@ def test_prep_cli_bad_parameter_is_a_clear_error(folder):
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode != 0 and "unknown parameter(s) ['no_such_param']" in proc.stderr
-
-
-def test_llm2vec_backend_without_the_package_says_how_to_install():
-    import importlib.util
-
-    from recbole_llmfuse.dataset_prep.embed import LLM2VecEncoder
-
-    if importlib.util.find_spec("llm2vec") is not None:
-        pytest.skip("llm2vec is installed here")
-    with pytest.raises(ImportError, match=r"needs the llm2vec package .*pip install llm2vec"):
-        LLM2VecEncoder("McGill-NLP/LLM2Vec-Meta-Llama-3-8B-Instruct-mntp")

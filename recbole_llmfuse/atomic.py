@@ -1,0 +1,133 @@
+"""Checks of RecBole atomic files (``.inter``, ``.item``, ``.user``) before RecBole parses them.
+
+RecBole 1.2.1 reads atomic files with ``pandas.read_csv(engine="python")`` and then repairs what it finds: a
+row with an extra field is dropped without a word, an empty or non-numeric float becomes the column mean (or a
+bare ``Unable to convert`` error), a header without ``:type`` or a header-only file fails with a traceback
+that names no file. :func:`check_dataset` reads each file once, as text, and stops at the first problem
+with one line that names the file, the line, the field and the fix; rows RecBole would silently default
+are counted and warned about once (or refused, for the time field that orders every sequence).
+
+:func:`read_header` is the one parser of atomic headers in this package.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from logging import getLogger
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from recbole_llmfuse.config import ConfigError
+
+#: the field types RecBole 1.2.1 knows (``recbole.utils.FeatureType``)
+ATOMIC_TYPES = ("token", "token_seq", "float", "float_seq")
+HEADER_EXAMPLE = "user_id:token<TAB>item_id:token<TAB>timestamp:float"
+
+
+class AtomicFileError(ConfigError):
+    """A malformed atomic file; the message names the file, the line, the field and the fix."""
+
+
+def read_header(path: str) -> List[Tuple[str, str]]:
+    """``[(name, type), ...]`` of an atomic file's header line. Raises :class:`AtomicFileError` for an empty
+    file, a field without ``:type`` or an unknown type."""
+    with open(path, encoding="utf-8") as f:
+        line = f.readline()
+    if not line.strip():
+        raise AtomicFileError(f"{path}: empty file; the first line must be a header such as '{HEADER_EXAMPLE}'")
+    out = []
+    for column, field in enumerate(line.rstrip("\r\n").split("\t"), start=1):
+        name, sep, kind = field.partition(":")
+        if not sep or kind not in ATOMIC_TYPES or not name:
+            raise AtomicFileError(
+                f"{path}, line 1, column {column} {field!r}: a header field is name:type, type one of "
+                f"{', '.join(ATOMIC_TYPES)} (e.g. '{HEADER_EXAMPLE}'); fix the header line")
+        out.append((name, kind))
+    return out
+
+
+def header_names(path: str) -> List[str]:
+    """The field names of an atomic file's header (see :func:`read_header`)."""
+    return [name for name, _ in read_header(path)]
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def check_atomic_file(path: str, time_field: Optional[str] = None) -> Dict[str, int]:
+    """Check every row of one atomic file (see module docstring). Returns ``{"rows", "defaulted"}``:
+    ``defaulted`` = rows with an empty float value RecBole will fill with the column mean (warned once).
+    An empty ``time_field`` value, a wrong field count, a non-numeric float, a value starting with a double
+    quote (RecBole's reader takes it for a quoted field and runs on across tabs and lines) and a file with
+    no rows are errors."""
+    fields = read_header(path)
+    floats = [i for i, (_, kind) in enumerate(fields) if kind == "float"]
+    seqs = [i for i, (_, kind) in enumerate(fields) if kind == "float_seq"]
+    rows = defaulted = 0
+    with open(path, encoding="utf-8", newline="") as f:
+        f.readline()
+        for lineno, line in enumerate(f, start=2):
+            line = line.rstrip("\r\n")
+            if not line:
+                continue
+            values = line.split("\t")
+            if len(values) != len(fields):
+                raise AtomicFileError(
+                    f"{path}, line {lineno}: {len(values)} tab-separated fields, the header has {len(fields)} "
+                    f"({', '.join(n for n, _ in fields)}); fix the line (a tab inside a text value splits it)")
+            rows += 1
+            empty = False
+            for i in floats:
+                value = values[i].strip()
+                if not value:
+                    if fields[i][0] == time_field:
+                        raise AtomicFileError(
+                            f"{path}, line {lineno}, field {time_field}: empty; RecBole would fill it with the "
+                            f"column mean and reorder the sequence. Give every row its time, or drop the row")
+                    empty = True
+                elif not _is_float(value):
+                    raise AtomicFileError(f"{path}, line {lineno}, field {fields[i][0]}: {value!r} is not a number "
+                                          f"(type float); fix the value or declare the field :token")
+            for i in seqs:
+                bad = next((v for v in values[i].split() if not _is_float(v)), None)
+                if bad is not None:
+                    raise AtomicFileError(f"{path}, line {lineno}, field {fields[i][0]}: {bad!r} is not a number "
+                                          f"(type float_seq: numbers separated by spaces); fix the value")
+            quoted = next((i for i, v in enumerate(values) if v.startswith('"')), None)
+            if quoted is not None:
+                raise AtomicFileError(
+                    f"{path}, line {lineno}, field {fields[quoted][0]}: starts with a double quote, which RecBole's "
+                    f"reader takes for a quoted field (it then reads across tabs and lines); remove the quote "
+                    f"or start the value with another character")
+            defaulted += empty
+    if not rows:
+        raise AtomicFileError(f"{path}: a header and no rows; the file must hold at least one row under "
+                              f"'{chr(9).join(n + ':' + k for n, k in fields)}'")
+    return {"rows": rows, "defaulted": defaulted}
+
+
+@functools.lru_cache(maxsize=64)
+def _checked(path: str, size: int, mtime: float, time_field: Optional[str]) -> Dict[str, int]:
+    return check_atomic_file(path, time_field)
+
+
+def check_dataset(folder: str, dataset: str, time_field: Optional[str] = None,
+                  suffixes: Sequence[str] = ("inter", "item", "user")) -> Dict[str, Dict[str, int]]:
+    """Check ``<folder>/<dataset>.<suffix>`` for each existing suffix (once per file version and process).
+    Returns ``{suffix: {"rows", "defaulted"}}``; warns once per file about defaulted rows."""
+    out = {}
+    for suffix in suffixes:
+        path = os.path.join(folder, f"{dataset}.{suffix}")
+        if not os.path.isfile(path):
+            continue
+        stat = os.stat(path)
+        first = _checked.cache_info().currsize
+        out[suffix] = _checked(path, stat.st_size, stat.st_mtime, time_field if suffix == "inter" else None)
+        if out[suffix]["defaulted"] and _checked.cache_info().currsize > first:
+            getLogger().warning(f"{path}: {out[suffix]['defaulted']} of {out[suffix]['rows']} rows have an empty "
+                                f"float value; RecBole fills it with the column mean")
+    return out

@@ -1,0 +1,98 @@
+"""Bad input: malformed atomic files stop before RecBole parses them, with one line naming file, line and field."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from recbole_llmfuse import Config, create_dataset
+from recbole_llmfuse.atomic import AtomicFileError, check_atomic_file, read_header
+from recbole_llmfuse.dataset_prep.item_text import build_item_texts
+
+INTER = "user_id:token\titem_id:token\ttimestamp:float\n"
+GOOD_ROWS = "".join(f"u{u}\ti{(u * 7 + t) % 30}\t{100 * u + t}\n" for u in range(1, 21) for t in range(6))
+ITEM = "item_id:token\ttitle:token_seq\n" + "".join(f"i{i}\twidget {i}\n" for i in range(30))
+
+#: (case, .inter text, .item text, words the one-line message must hold)
+CASES = [
+    ("extra field", INTER + GOOD_ROWS + "u1\ti1\t5\textra\n", ITEM, ["line 122", "4 tab-separated fields", "header has 3"]),
+    ("missing field", INTER + "u1\ti1\n" + GOOD_ROWS, ITEM, ["line 2", "2 tab-separated fields"]),
+    ("non-numeric timestamp", INTER + GOOD_ROWS + "u1\ti2\tyesterday\n", ITEM,
+     ["line 122", "field timestamp", "'yesterday' is not a number"]),
+    ("empty timestamp", INTER + "u1\ti3\t\n" + GOOD_ROWS, ITEM, ["line 2", "field timestamp: empty", "Give every row its time"]),
+    ("header without type", "user_id\titem_id:token\ttimestamp:float\n" + GOOD_ROWS, ITEM,
+     ["line 1, column 1", "name:type", "fix the header line"]),
+    ("unknown type", "user_id:token\titem_id:int\ttimestamp:float\n" + GOOD_ROWS, ITEM, ["column 2 'item_id:int'"]),
+    ("header only", INTER, ITEM, ["a header and no rows"]),
+    ("empty file", "", ITEM, ["empty file", "header such as"]),
+    ("title starts with a quote", INTER + GOOD_ROWS, ITEM + 'i30\t"Quoted" widget\n',
+     [".item, line 32, field title", "double quote"]),
+    ("tab inside an item title", INTER + GOOD_ROWS, ITEM + "i31\twidget\twith a tab\n", [".item, line 32", "a tab inside"]),
+    ("non-numeric float_seq", INTER + GOOD_ROWS, "item_id:token\tvec:float_seq\n" + "".join(f"i{i}\t1 2 x\n" for i in range(30)),
+     ["field vec", "'x' is not a number", "float_seq"]),
+]
+
+
+def _write(root, name, inter, item):
+    folder = os.path.join(root, name)
+    os.makedirs(folder, exist_ok=True)
+    for suffix, text in (("inter", inter), ("item", item)):
+        with open(os.path.join(folder, f"{name}.{suffix}"), "w") as f:
+            f.write(text)
+    return folder
+
+
+def _digests(folder):
+    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest() for f in sorted(os.listdir(folder))}
+
+
+@pytest.mark.parametrize("case,inter,item,words", CASES, ids=[c[0] for c in CASES])
+def test_malformed_atomic_file_stops_with_file_line_field_and_fix(tmp_path, case, inter, item, words):
+    folder = _write(str(tmp_path), "bad", inter, item)
+    before = _digests(folder)
+    with pytest.raises(AtomicFileError) as err:  # a bad header already stops the config (it reads the header)
+        create_dataset(Config("FastSASRec", "bad", config_dict={"data_path": str(tmp_path), "state": "WARNING"}, argv=[]))
+    message = str(err.value)
+    assert "\n" not in message and os.path.join(folder, "bad.") in message
+    for word in words:
+        assert word in message
+    assert _digests(folder) == before  # nothing written beside the user's files
+
+
+def test_the_cli_says_it_in_one_line_with_exit_2(tmp_path):
+    _write(str(tmp_path), "bad", INTER + GOOD_ROWS + "u1\ti2\tyesterday\n", ITEM)
+    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "run_recbole"), "--model=FastSASRec",
+                           "--dataset=bad", f"--data_path={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    # one line, and it comes before any configuration dump
+    assert proc.stderr.strip().count("\n") == 0 and not proc.stdout.strip(), proc.stderr[:500]
+    assert "run_recbole: error:" in proc.stderr and "bad.inter, line 122, field timestamp" in proc.stderr
+
+
+def test_empty_float_outside_the_time_field_is_counted_not_refused(tmp_path):
+    path = os.path.join(_write(str(tmp_path), "ok", INTER + GOOD_ROWS, ITEM), "ok.inter")
+    with open(path, "a") as f:
+        f.write("u1\ti4\t\n")
+    assert check_atomic_file(path)["defaulted"] == 1  # a general model: RecBole's mean fill, with a warning
+    with pytest.raises(AtomicFileError, match="field timestamp: empty"):
+        check_atomic_file(path, time_field="timestamp")
+    assert read_header(path) == [("user_id", "token"), ("item_id", "token"), ("timestamp", "float")]
+
+
+def test_a_good_dataset_passes_and_a_single_text_field_is_one_column(tmp_path):
+    folder = _write(str(tmp_path), "ok", INTER + GOOD_ROWS, "item_id:token\ttitle:token_seq\tbrand:token\n"
+                    + "".join(f"i{i}\twidget {i}\tacme\n" for i in range(30)))
+    config = Config("FastSASRec", "ok", config_dict={"data_path": str(tmp_path), "state": "WARNING"}, argv=[])
+    assert create_dataset(config).inter_num == 120
+    # --item_text_fields=title on a command line arrives as one string: one column, not its characters
+    assert build_item_texts(folder, "ok", fields="title").texts[3] == "title: widget 3"
+    assert build_item_texts(folder, "ok", fields="title, brand").texts[3] == "title: widget 3; brand: acme"
+
+
+def test_converter_text_never_starts_a_field_with_a_quote_or_holds_a_tab():
+    from recbole_llmfuse.dataset_prep.amazon import clean_text
+
+    assert clean_text('"Quoted"\ttitle\nsecond line', 100) == 'Quoted" title second line'
