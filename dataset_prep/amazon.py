@@ -22,13 +22,14 @@ import html
 import json
 import os
 import re
+import shutil
 import urllib.request
 from dataclasses import dataclass, field
 from logging import getLogger
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from recbole_llmfuse.config import ConfigError
-from recbole_llmfuse.dataset_prep.itememb import atomic_write
+from recbole_llmfuse.dataset_prep.itememb import atomic_write, temp_dir
 
 #: Short dataset names used by the papers -> Amazon category file names.
 CATEGORIES = {
@@ -68,6 +69,7 @@ INTER_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float"
 
 _TAG = re.compile(r"<[^>]+>")
 _SPACE = re.compile(r"\s+")
+_ID_BREAK = re.compile(r"[\t\r\n]+")  # in an id these would break the atomic row
 _PRICE = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
 
@@ -92,16 +94,24 @@ class ConversionReport:
     bad_lines: Dict[str, int] = field(default_factory=dict)
     duplicates: int = 0
     items_without_title: int = 0
+    items_dropped_no_title: int = 0
+    merged_metadata: int = 0
+    reviews_read: int = 0
 
     @property
     def density(self) -> float:
         return self.interactions / max(1, self.users * self.items)
 
     def table(self) -> str:
+        notes = [f"{self.reviews_read:,} reviews read", f"{sum(self.bad_lines.values()):,} malformed lines skipped",
+                 f"{self.duplicates:,} duplicate reviews (earliest kept)",
+                 f"{self.merged_metadata:,} repeated metadata records merged (first non-empty value per field)",
+                 f"{self.items_without_title:,} items without a title"
+                 + (f", {self.items_dropped_no_title:,} dropped (--drop_no_title)" if self.items_dropped_no_title else "")]
         return (
             "| dataset | users | items | interactions | density | avg. length |\n|---|---|---|---|---|---|\n"
             f"| {self.name} | {self.users:,} | {self.items:,} | {self.interactions:,} | {self.density:.4%} | "
-            f"{self.interactions / max(1, self.users):.2f} |"
+            f"{self.interactions / max(1, self.users):.2f} |\n" + "; ".join(notes)
         )
 
 
@@ -171,10 +181,12 @@ def convert(name: str, reviews: str, meta: Optional[str], out_dir: str, options:
         raise ConfigError(f"version must be 2018 or 2023, not {options.version!r}")
     u_key, i_key, r_key, t_key, t_div = SCHEMA[options.version]["review"]
     bad: Dict[str, int] = {}
-    rows, seen, duplicates = [], {}, 0
+    rows, seen, duplicates, read = [], {}, 0, 0
     for lineno, rec in enumerate(read_json_lines(reviews, options.skip_bad_lines, bad), start=1):
+        read = lineno
         try:
-            user, item, rating, ts = str(rec[u_key]), str(rec[i_key]), float(rec[r_key]), int(rec[t_key]) // t_div
+            user, item = _ID_BREAK.sub(" ", str(rec[u_key])), _ID_BREAK.sub(" ", str(rec[i_key]))
+            rating, ts = float(rec[r_key]), int(rec[t_key]) // t_div
         except (KeyError, TypeError, ValueError) as err:
             if not options.skip_bad_lines:
                 raise ConfigError(
@@ -194,7 +206,13 @@ def convert(name: str, reviews: str, meta: Optional[str], out_dir: str, options:
         seen[key] = len(rows)
         rows.append((user, item, rating, ts))
 
+    if not rows:
+        raise ConfigError(
+            f"{reviews}: no review kept ({read} records read, {sum(bad.values())} malformed skipped"
+            + (f", every one below --min_rating {options.min_rating}" if read and options.min_rating is not None else "")
+            + f"). Is --version {options.version} right for this file? Nothing was written.")
     meta_rows: Dict[str, Tuple[str, ...]] = {}
+    merged = 0
     if meta:
         m_id = SCHEMA[options.version]["meta_id"]
         lim = options.max_text_chars
@@ -207,12 +225,20 @@ def convert(name: str, reviews: str, meta: Optional[str], out_dir: str, options:
                 fields = (rec.get("title"), rec.get("store"), rec.get("categories"),
                           [*(rec.get("features") or []), *(rec.get("description") or [])], rec.get("price"))
             title, brand, cats, desc, price = fields
-            meta_rows[str(rec[m_id])] = (clean_text(title, lim), clean_text(brand, lim), clean_text(cats, lim),
-                                         clean_text(desc, lim), parse_price(price))
+            values = (clean_text(title, lim), clean_text(brand, lim), clean_text(cats, lim), clean_text(desc, lim),
+                      parse_price(price))
+            key = _ID_BREAK.sub(" ", str(rec[m_id]))
+            if key in meta_rows:  # a repeated record: the first non-empty value of each field is kept
+                merged += 1
+                values = tuple(old or new for old, new in zip(meta_rows[key], values))
+            meta_rows[key] = values
     no_title = {i for i in {r[1] for r in rows} if not meta_rows.get(i, ("",))[0]}
     if options.drop_no_title:
         rows = [r for r in rows if r[1] not in no_title]
     rows = _k_core(rows, options.user_k, options.item_k)
+    if not rows:
+        raise ConfigError(f"{reviews}: {read} records read, but the filters (--min_rating, --k_core, --drop_no_title) "
+                          f"leave no interaction. Loosen them; nothing was written.")
     rows.sort(key=lambda r: (r[0], r[3], r[1]))
     if options.last_n:
         by_user: Dict[str, List[tuple]] = {}
@@ -222,14 +248,22 @@ def convert(name: str, reviews: str, meta: Optional[str], out_dir: str, options:
 
     folder = os.path.join(out_dir, name)
     os.makedirs(folder, exist_ok=True)
-    lines = [INTER_HEADER] + [f"{u}\t{i}\t{r:g}\t{t}" for u, i, r, t in rows]
-    atomic_write(os.path.join(folder, f"{name}.inter"), lambda f: f.write(("\n".join(lines) + "\n").encode("utf-8")))
     items = sorted({r[1] for r in rows})
-    lines = [ITEM_HEADER] + ["\t".join((i, *meta_rows.get(i, ("", "", "", "", "")))) for i in items]
-    atomic_write(os.path.join(folder, f"{name}.item"), lambda f: f.write(("\n".join(lines) + "\n").encode("utf-8")))
+    inter = [INTER_HEADER] + [f"{u}\t{i}\t{r:g}\t{t}" for u, i, r, t in rows]
+    item = [ITEM_HEADER] + ["\t".join((i, *meta_rows.get(i, ("", "", "", "", "")))) for i in items]
+    # both files are complete before either replaces an earlier conversion (other files in the folder stay)
+    tmp = temp_dir(folder, f".{name}-")
+    try:
+        for suffix, lines in (("inter", inter), ("item", item)):
+            atomic_write(os.path.join(tmp, f"{name}.{suffix}"), lambda f: f.write(("\n".join(lines) + "\n").encode("utf-8")))
+        for suffix in ("inter", "item"):
+            os.replace(os.path.join(tmp, f"{name}.{suffix}"), os.path.join(folder, f"{name}.{suffix}"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     report = ConversionReport(
         name=name, users=len({r[0] for r in rows}), items=len(items), interactions=len(rows), bad_lines=bad,
-        duplicates=duplicates, items_without_title=len(no_title & set(items)),
+        duplicates=duplicates, items_without_title=len(no_title),
+        items_dropped_no_title=len(no_title) if options.drop_no_title else 0, merged_metadata=merged, reviews_read=read,
     )
     getLogger().info("\n" + report.table())
     return report

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from recbole_llmfuse.dataset_prep import itememb
-from recbole_llmfuse.dataset_prep.hooks import PrepHook, hook_defaults_file
+from recbole_llmfuse.dataset_prep.hooks import PrepError, PrepHook, hook_defaults_file
 from recbole_llmfuse.dataset_prep.item_text import build_item_texts, sha256_file
 from recbole_llmfuse.llm import (OFFLINE_MODELS, default_device, load_decoder, load_tokenizer,  # noqa: F401
                                  resolve_model_path, torch_dtype)
@@ -242,7 +242,8 @@ class ItemTextEmbeddingHook(PrepHook):
     name = "item_text_embedding"
     cli = "embed"
     defaults_file = hook_defaults_file(name)
-    runtime_params = ("auto_run", "batch_size", "device", "formats", "shard_size", "ray_workers", "ray_address")
+    runtime_params = ("auto_run", "batch_size", "device", "formats", "shard_size", "ray_workers", "ray_address",
+                      "allow_all_fallback")
     late_params = ("base_model", "bidirectional", "instruction", "text_format")
 
     def outputs(self) -> List[str]:
@@ -265,7 +266,13 @@ class ItemTextEmbeddingHook(PrepHook):
 
     def _texts(self):
         p = self.params
-        return build_item_texts(self.data_path, self.dataset, p["item_text_template"], p["item_text_fields"], p["item_text_fallback"])
+        items = build_item_texts(self.data_path, self.dataset, p["item_text_template"], p["item_text_fields"], p["item_text_fallback"])
+        if items.n_fallback and items.n_fallback == len(items.texts) and not p["allow_all_fallback"]:
+            raise PrepError(
+                f"{items.item_file}: no item has text in the fields used ({p['item_text_template'] or p['item_text_fields'] or 'all columns'}), "
+                f"so every item would get the same vector. Name text columns with item_text_fields / item_text_template, "
+                f"or set allow_all_fallback=true")
+        return items
 
     def fingerprint(self) -> dict:
         return {"params": self.shaping_params(), "item_file_sha256": self._item_file_sha256}
@@ -295,7 +302,7 @@ class ItemTextEmbeddingHook(PrepHook):
         log = getLogger()
         items = self._texts()
         if items.n_fallback:
-            log.warning(f"{items.item_file}: {items.n_fallback} items have no text; they are encoded as {self.params['item_text_fallback']!r}")
+            log.warning(f"{items.item_file}: {items.n_fallback} of {len(items.texts)} items have no text; they are encoded as {self.params['item_text_fallback']!r}")
         size = int(self.params["shard_size"])
         n_shards = max(1, -(-len(items.texts) // size))
         index, count = (int(x) for x in shard.split("/")) if shard else (0, 1)

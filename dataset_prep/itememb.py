@@ -40,14 +40,31 @@ def paths(data_path: str, dataset: str, suffix: str = DEFAULT_SUFFIX) -> Tuple[s
     return text, text + ".npz"
 
 
+def umask_mode(directory: bool = False) -> int:
+    """The mode a plain ``open`` / ``mkdir`` would give under the user's umask (``tempfile`` uses 0600 / 0700,
+    which would make a shared data folder unreadable to colleagues)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def temp_dir(parent: str, prefix: str) -> str:
+    """A new temporary folder inside ``parent`` (to be renamed into place), with the umask's mode."""
+    path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    os.chmod(path, umask_mode(directory=True))
+    return path
+
+
 def atomic_write(path: str, write) -> None:
-    """Call ``write(binary_file)`` on a temp file beside ``path``, then rename it to ``path`` (no partial files)."""
+    """Call ``write(binary_file)`` on a temp file beside ``path``, then rename it to ``path`` (no partial files;
+    the file gets the umask's mode)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

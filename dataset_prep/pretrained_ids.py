@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import tempfile
 from typing import List
 
 import numpy as np
@@ -44,7 +43,7 @@ class SASRecItemTableHook(PrepHook):
 
         settings = {k: self.config[k] for k in SPLIT_KEYS if self.config[k] is not None}
         params = {k: v for k, v in self.params.items() if k not in ("model", "auto_run")}
-        work = tempfile.mkdtemp(prefix=f".{self.dataset}.{self.name}-", dir=self.data_path)
+        work = itememb.temp_dir(self.data_path, f".{self.dataset}.{self.name}-")
         try:
             config = Config(self.params["model"], self.dataset, argv=[], config_dict={
                 **settings, **params, "data_path": os.path.dirname(self.data_path), "checkpoint_dir": work,

@@ -24,13 +24,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Dict, List
 
 import numpy as np
 
 from recbole_llmfuse.atomic import header_names
+from recbole_llmfuse.dataset_prep.itememb import temp_dir
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def sparsify(folder: str, dataset: str, out_root: str, name: str, options: Spars
     report = {"source": os.path.abspath(path), "rule": asdict(options),
               "before": stats(users, items), "after": stats(users[rows], items[rows])}
     os.makedirs(out_root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=out_root)
+    tmp = temp_dir(out_root, f".{name}-")
     try:
         with open(os.path.join(tmp, f"{name}.inter"), "w", encoding="utf-8") as f:
             f.write(header + "\n")

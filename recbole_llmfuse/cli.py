@@ -99,15 +99,28 @@ def _guarded(fn, prog: str) -> int:
     try:
         return fn()
     except (ConfigError, ModelNotFoundError, DatasetNotFoundError, ItemEmbeddingError) as err:
+        if _DEBUG:
+            raise
         print(f"{prog}: error: {err}", file=sys.stderr)
         return ERROR_EXIT
+
+
+#: ``--debug`` on any command: our own errors keep their traceback instead of one line
+_DEBUG = False
+
+
+def _take_debug(argv: Optional[List[str]]) -> List[str]:
+    global _DEBUG
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _DEBUG = "--debug" in argv
+    return [a for a in argv if a != "--debug"]
 
 
 def run_recbole_main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``run_recbole`` command."""
     parser = argparse.ArgumentParser(prog="run_recbole", description="Train and test a RecBole or plugin model.")
     _add_run_arguments(parser)
-    args, overrides = parser.parse_known_args(argv)
+    args, overrides = parser.parse_known_args(_take_debug(argv))
     return _guarded(lambda: _run(args, overrides, "run_recbole"), "run_recbole")
 
 
@@ -338,7 +351,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from recbole_llmfuse import tune
 
     tune.add_arguments(sub.add_parser("tune", help="Ray Tune sweep, reported every epoch (ASHA), any model"))
-    args, rest = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args(_take_debug(argv))
     if args.command == "bench":
         return _guarded(lambda: bench.main_from_args(args, rest), "recbole-llmfuse bench")
     if args.command == "run":

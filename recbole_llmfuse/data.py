@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from logging import getLogger
 from typing import Optional, Sequence, Tuple
@@ -19,7 +18,7 @@ from recbole_llmfuse import registry
 from recbole_llmfuse.atomic import check_dataset
 from recbole_llmfuse.dataset_prep import hooks as prep_hooks
 from recbole_llmfuse.dataset_prep import itememb
-from recbole_llmfuse.dataset_prep.itememb import ItemEmbeddingError
+from recbole_llmfuse.dataset_prep.itememb import ItemEmbeddingError, temp_dir
 
 EMBEDDED_DATASETS = ("ml-100k",)
 
@@ -44,7 +43,7 @@ def materialize_embedded(name: str, target_dir: str) -> bool:
     source = embedded_dataset_dir(name)
     parent = os.path.dirname(os.path.abspath(target_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=parent)
+    tmp = temp_dir(parent, f".{name}-")
     try:
         for fname in os.listdir(source):
             shutil.copy2(os.path.join(source, fname), os.path.join(tmp, fname))

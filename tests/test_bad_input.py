@@ -96,3 +96,63 @@ def test_converter_text_never_starts_a_field_with_a_quote_or_holds_a_tab():
     from recbole_llmfuse.dataset_prep.amazon import clean_text
 
     assert clean_text('"Quoted"\ttitle\nsecond line', 100) == 'Quoted" title second line'
+
+
+def _reviews(path, records):
+    import gzip
+    import json
+
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return str(path)
+
+
+def test_converter_refuses_an_empty_result_and_keeps_the_earlier_output(tmp_path):
+    from recbole_llmfuse.config import ConfigError
+    from recbole_llmfuse.dataset_prep.amazon import AmazonOptions, convert
+
+    reviews = _reviews(tmp_path / "r.json.gz", [
+        {"reviewerID": f"U{u}", "asin": f"B{(u + k) % 6}", "overall": 5.0, "unixReviewTime": 1000 * u + k}
+        for u in range(5) for k in range(4)])
+    meta = _reviews(tmp_path / "m.json.gz", [{"asin": f"B{j}", "title": f"bar {j}" if j else ""} for j in range(6)]
+                    + [{"asin": "B2", "title": "a later title", "brand": "Acme"}, {"asin": "B3\tx", "title": "tab id"}])
+    report = convert("p", reviews, meta, str(tmp_path / "out"), AmazonOptions(drop_no_title=True))
+    assert report.items_without_title == 1 and report.items_dropped_no_title == 1 and report.merged_metadata == 1
+    assert "1 dropped (--drop_no_title)" in report.table()
+    folder = tmp_path / "out" / "p"
+    rows = {line.split("\t")[0]: line.split("\t") for line in (folder / "p.item").read_text().splitlines()[1:]}
+    assert rows["B2"][1:3] == ["bar 2", "Acme"]  # first non-empty value per field: the title stays, the brand is added
+    (folder / "p.itememb").write_text("mine")  # a user's file beside the dataset
+    before = _digests(str(folder))
+    with pytest.raises(ConfigError, match=r"no review kept \(20 records read.*Is --version 2023 right.*Nothing was written"):
+        convert("p", reviews, meta, str(tmp_path / "out"), AmazonOptions(version="2023", skip_bad_lines=True))
+    assert _digests(str(folder)) == before
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    from recbole_llmfuse.dataset_prep.itememb import atomic_write, temp_dir
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(str(tmp_path / "f.npz"), lambda f: f.write(b"x"))
+        folder = temp_dir(str(tmp_path), ".t-")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "f.npz").st_mode & 0o777 == 0o644 and os.stat(folder).st_mode & 0o777 == 0o755
+
+
+def test_items_that_all_fall_back_to_the_default_text_are_refused(tmp_path):
+    from recbole_llmfuse.dataset_prep.embed import ItemTextEmbeddingHook
+    from recbole_llmfuse.dataset_prep.hooks import PrepError
+
+    folder = _write(str(tmp_path), "blank", INTER + GOOD_ROWS, "item_id:token\ttitle:token_seq\n" + "".join(f"i{i}\t\n" for i in range(30)))
+    with pytest.raises(PrepError, match=r"blank.item: no item has text .*allow_all_fallback=true"):
+        ItemTextEmbeddingHook(folder, "blank", {"device": "cpu", "formats": ["npz"]}).run(progress=False)
+    assert not any(f.endswith(".npz") for f in os.listdir(folder))
+
+
+def test_debug_keeps_the_traceback(tmp_path):
+    _write(str(tmp_path), "bad", INTER, ITEM)
+    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "run_recbole"), "--model=FastSASRec",
+                           "--dataset=bad", f"--data_path={tmp_path}", "--debug"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "AtomicFileError" in proc.stderr
