@@ -297,7 +297,11 @@ def check_coverage(have: np.ndarray, id2token, source: str, missing: str = "erro
     unless ``missing='zero'``. ``id2token(i)`` names an item in the message."""
     lacking = np.flatnonzero(~have[1:]) + 1
     if len(lacking) and missing != "zero":
-        examples = ", ".join(repr(id2token(i)) for i in lacking[:5])
+        examples = ", ".join(repr(str(id2token(i))) for i in lacking[:5])
+        if len(lacking) == len(have) - 1:
+            raise ItemEmbeddingError(
+                f"{source}: no row matches an item of the dataset (it is empty, or made for another dataset: "
+                f"e.g. {examples} are missing). Re-run the embedding step on this dataset.")
         raise ItemEmbeddingError(
             f"{source}: {len(lacking)} of the dataset's {len(have) - 1} items have no vector "
             f"(e.g. {examples}). Re-run the embedding step on this dataset, or set "

@@ -161,9 +161,10 @@ class Config(RecBoleConfig):
             self.final_config_dict["data_path"] = os.path.join(root, self.dataset)
         self.final_config_dict["data_path"] = os.path.abspath(os.path.expanduser(self.final_config_dict["data_path"]))
         self._load_time_column()
-        if self.final_config_dict.get("checkpoint_dir"):
-            self.final_config_dict["checkpoint_dir"] = os.path.abspath(os.path.expanduser(self.final_config_dict["checkpoint_dir"]))
-
+        final = self.final_config_dict
+        final["output_dir"] = output_dir(final.get("output_dir"))
+        if final.get("checkpoint_dir"):
+            final["checkpoint_dir"] = os.path.join(final["output_dir"], os.path.expanduser(final["checkpoint_dir"]))
 
     def _load_time_column(self) -> None:
         """Sequential models order each user's interactions by time, but RecBole's default ``load_col`` reads
@@ -186,4 +187,31 @@ class Config(RecBoleConfig):
             final["load_col"] = {**load_col, "inter": list(load_col.get("inter") or []) + [time_field]}
 
 
-__all__ = ["Config", "ConfigError", "parse_overrides"]
+def output_dir(wanted: Optional[str] = None) -> str:
+    """The absolute folder for RecBole's ``log/``, ``log_tensorboard/`` and a relative ``checkpoint_dir``:
+    ``wanted``, else the working folder, else (read-only working folder) ``~/.cache/recbole_llmfuse``, said
+    once in a warning."""
+    if wanted:
+        path = os.path.abspath(os.path.expanduser(wanted))
+        os.makedirs(path, exist_ok=True)
+        return path
+    if os.access(os.getcwd(), os.W_OK):
+        return os.getcwd()
+    path = os.path.join(os.path.expanduser("~"), ".cache", "recbole_llmfuse")
+    os.makedirs(path, exist_ok=True)
+    _warn_once(f"the working folder {os.getcwd()} is read-only; logs and checkpoints go to {path} (set output_dir)")
+    return path
+
+
+_WARNED: set = set()
+
+
+def _warn_once(message: str) -> None:
+    from logging import getLogger
+
+    if message not in _WARNED:
+        _WARNED.add(message)
+        getLogger().warning(message)
+
+
+__all__ = ["Config", "ConfigError", "output_dir", "parse_overrides"]

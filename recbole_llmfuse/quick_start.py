@@ -8,6 +8,8 @@ evaluator are RecBole's.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from collections.abc import MutableMapping
 from logging import getLogger
@@ -20,6 +22,19 @@ from recbole.utils import get_environment, get_flops, init_logger, init_seed, se
 from recbole_llmfuse import checkpoint, registry
 from recbole_llmfuse.config import Config
 from recbole_llmfuse.data import create_dataset, data_preparation, prepare_folder
+
+
+@contextlib.contextmanager
+def in_output_dir(config):
+    """RecBole 1.2.1 writes ``./log/`` (``init_logger``) and ``./log_tensorboard/`` (the trainer) relative to
+    the working folder, with no setting; both open their files on the spot (absolute paths from then on), so
+    they run inside ``config['output_dir']`` and the working folder is restored."""
+    previous = os.getcwd()
+    os.chdir(config["output_dir"] or previous)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def make_trainer(config, model):
@@ -86,7 +101,8 @@ def execute(config, callbacks: Sequence[object] = (), saved: bool = True, test: 
     """
     init_seed(config["seed"], config["reproducibility"])
     prepare_folder(config)  # a missing or malformed dataset is said before ~100 lines of configuration
-    init_logger(config)
+    with in_output_dir(config):
+        init_logger(config)
     logger = getLogger()
     if verbose:
         logger.info(sys.argv)
@@ -94,7 +110,8 @@ def execute(config, callbacks: Sequence[object] = (), saved: bool = True, test: 
     dataset, model, train_data, valid_data, test_data = build(config, logger if verbose else None)
     if verbose:
         log_model(config, model, dataset, logger)
-    trainer = make_trainer(config, model)
+    with in_output_dir(config):
+        trainer = make_trainer(config, model)
     for cb in callbacks:
         trainer.add_callback(cb)
     show = config["show_progress"] and verbose
@@ -216,7 +233,8 @@ def load_data_and_model(model_file):
     """
     config = checkpoint.read(model_file)["config"]
     init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
+    with in_output_dir(config):
+        init_logger(config)
     logger = getLogger()
     logger.info(config)
     dataset, model, train_data, valid_data, test_data = build(config, logger)

@@ -62,6 +62,14 @@ class TrainerMixin:
 
     def __init__(self, config, model):
         super().__init__(config, model)
+        writer = getattr(self, "tensorboard", None)
+        if writer is not None and not os.path.isabs(writer.log_dir):
+            # RecBole's writer keeps a path relative to the working folder of its creation and appends to it
+            # later; reopened at the absolute path under output_dir (quick_start.in_output_dir)
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer.close()
+            self.tensorboard = SummaryWriter(os.path.join(config["output_dir"] or os.getcwd(), writer.log_dir))
         self.callbacks: List[object] = []
         self.epoch_times: List[float] = []
         self.eval_times: List[float] = []
