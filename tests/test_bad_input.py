@@ -50,7 +50,9 @@ def _digests(folder):
 
 
 @pytest.mark.parametrize("case,inter,item,words", CASES, ids=[c[0] for c in CASES])
-def test_malformed_atomic_file_stops_with_file_line_field_and_fix(tmp_path, case, inter, item, words):
+def test_malformed_atomic_file_stops_with_file_line_field_and_fix(tmp_path, capsys, case, inter, item, words):
+    from recbole_llmfuse.cli import run_recbole_main
+
     folder = _write(str(tmp_path), "bad", inter, item)
     before = _digests(folder)
     with pytest.raises(AtomicFileError) as err:  # a bad header already stops the config (it reads the header)
@@ -59,6 +61,9 @@ def test_malformed_atomic_file_stops_with_file_line_field_and_fix(tmp_path, case
     assert "\n" not in message and os.path.join(folder, "bad.") in message
     for word in words:
         assert word in message
+    capsys.readouterr()
+    assert run_recbole_main(["--model=FastSASRec", "--dataset=bad", f"--data_path={tmp_path}"]) == 2  # the command
+    assert capsys.readouterr().err.strip() == f"run_recbole: error: {message}"
     assert _digests(folder) == before  # nothing written beside the user's files
 
 
@@ -174,3 +179,35 @@ def test_logs_and_checkpoints_go_to_output_dir_and_a_read_only_folder_falls_back
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(home))
     assert output_dir() == str(home / ".cache" / "recbole_llmfuse") and os.path.isdir(output_dir())
+
+
+def test_command_line_values_are_read_as_users_write_them():
+    from recbole_llmfuse.cli import _hook_value
+
+    assert _hook_value("{movie_title}") == "{movie_title}"  # a template, not a YAML mapping
+    assert _hook_value("The movie {movie_title} ({release_year})") == "The movie {movie_title} ({release_year})"
+    assert _hook_value("[movie_title, class]") == ["movie_title", "class"] and _hook_value("movie_title") == "movie_title"
+
+
+NASTY = ['"Quoted" start', 'tab\tinside', 'new\nline', "back\\slash and 'single'", "HTML &amp; <i>tags</i>",
+         "ünïcödé № ☺", '  spaces   everywhere  ', 'ends with quote"', "percent % and {braces}"]
+
+
+def test_converter_output_reads_back_exactly_in_recbole(tmp_path):
+    from recbole_llmfuse.dataset_prep.amazon import AmazonOptions, clean_text, convert
+
+    reviews = _reviews(tmp_path / "r.json.gz", [
+        {"reviewerID": f"U{u}", "asin": f"B{(u + k) % len(NASTY)}", "overall": 5.0, "unixReviewTime": 1000 * u + k}
+        for u in range(12) for k in range(6)])
+    meta = _reviews(tmp_path / "m.json.gz", [{"asin": f"B{j}", "title": t, "brand": t} for j, t in enumerate(NASTY)])
+    convert("nasty", reviews, meta, str(tmp_path), AmazonOptions())
+    config = Config("FastSASRec", "nasty", argv=[], config_dict={
+        "data_path": str(tmp_path), "state": "WARNING",
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title", "brand"]}})
+    dataset = create_dataset(config)
+    for j, text in enumerate(NASTY):
+        row = dataset.token2id("item_id", f"B{j}")
+        title = dataset.item_feat["title"][row]
+        words = [dataset.id2token("title", t) for t in title.tolist() if t]
+        assert " ".join(words) == clean_text(text, 2000)  # every word back, in order; nothing swallowed
+        assert dataset.id2token("brand", dataset.item_feat["brand"][row][0].item()) == clean_text(text, 2000).split()[0]
