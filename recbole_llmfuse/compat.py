@@ -95,6 +95,64 @@ def _torch_checkpoint_loading() -> None:
             module.torch = proxy
 
 
+class _Proxy(types.ModuleType):
+    """A module as seen by some RecBole modules: the original, with a few names replaced."""
+
+    def __init__(self, module, **overrides):
+        super().__init__(module.__name__)
+        self._module = module
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+#: RecBole 1.2.1 modules that fill a ``scipy.sparse.dok_matrix`` with ``A._update(dict)`` (graph models)
+DOK_UPDATE_MODULES = tuple(f"recbole.model.general_recommender.{m}" for m in ("lightgcn", "ngcf", "gcmc", "spectralcf", "ncl")) + \
+    tuple(f"recbole.model.knowledge_aware_recommender.{m}" for m in ("kgin", "mcclk"))
+#: RecBole 1.2.1 modules that build sparse tensors with the deprecated ``torch.sparse.FloatTensor``
+SPARSE_TENSOR_MODULES = DOK_UPDATE_MODULES + tuple(
+    f"recbole.model.general_recommender.{m}" for m in ("sgl", "dmf", "dgcf")) + (
+    "recbole.model.layers", "recbole.model.knowledge_aware_recommender.kgat")
+
+
+def _graph_models() -> None:
+    """RecBole's graph models (LightGCN, NGCF, GCMC, SpectralCF, NCL, KGIN, MCCLK) fill their adjacency with
+    ``dok_matrix._update(dict)``, removed in scipy 1.13 (``AttributeError``); their ``scipy.sparse`` gets a
+    ``dok_matrix`` with ``_update`` (an unchecked bulk insert into the matrix's ``_dict``, what the old
+    ``dict.update`` did). ``torch.sparse.FloatTensor(indices, values[, size])`` warns since torch 2.x; those
+    modules' ``torch.sparse.FloatTensor`` is ``torch.sparse_coo_tensor``. Upstream: RUCAIBox/RecBole issue
+    #2007 / PR #2021 (not in a release)."""
+    import scipy.sparse as sp
+    import torch
+
+    dok = sp.dok_matrix
+    if not hasattr(dok, "_update") and isinstance(getattr(dok((1, 1)), "_dict", None), dict):
+        dok = type("dok_matrix", (sp.dok_matrix,), {"_update": lambda self, data: self._dict.update(data)})
+    sparse = _Proxy(torch.sparse, FloatTensor=lambda *args, **kw: torch.sparse_coo_tensor(*args, **{"check_invariants": False, **kw}))
+    torch_proxy = _Proxy(torch, sparse=sparse)
+    for name in SPARSE_TENSOR_MODULES:
+        module = importlib.import_module(name)
+        if getattr(module, "torch", None) is torch:
+            module.torch = torch_proxy
+        if name in DOK_UPDATE_MODULES and dok is not sp.dok_matrix and getattr(module, "sp", None) is sp:
+            module.sp = _Proxy(sp, dok_matrix=dok)
+
+
+def _trainer_amp() -> None:
+    """RecBole's trainer builds ``torch.cuda.amp.GradScaler(enabled=...)`` and ``torch.cuda.amp.autocast``, which
+    warn (FutureWarning) on every trainer since torch 2.4; its ``amp`` becomes ``torch.amp`` with device
+    ``cuda`` (the same objects the deprecated names return)."""
+    import functools
+
+    import torch
+
+    module = importlib.import_module("recbole.trainer.trainer")
+    if getattr(module, "amp", None) is getattr(torch.cuda, "amp", None) and hasattr(torch.amp, "GradScaler"):
+        module.amp = _Proxy(torch.cuda.amp, GradScaler=functools.partial(torch.amp.GradScaler, "cuda"),
+                            autocast=functools.partial(torch.amp.autocast, "cuda"))
+
+
 def _pkg_resources_packaging() -> None:
     """ray 2.6.3 (the newest recbole accepts) imports ``packaging`` through setuptools' ``pkg_resources``:
     ``from pkg_resources import packaging`` (``ray.air``, so ``ray.tune``) and
@@ -190,5 +248,7 @@ def apply() -> None:
     _pkg_resources_packaging()
     _torch_checkpoint_loading()
     _autograd_anomaly_off()
+    _graph_models()
+    _trainer_amp()
     _trim_malloc_heap()
     _APPLIED = True

@@ -66,10 +66,10 @@ class HFGenerator:
         """Loaded on first use: a rerun whose records are all cached never loads the weights."""
         from transformers import AutoModelForCausalLM
 
-        from recbole_llmfuse.llm import resolve_model_path, torch_dtype
+        from recbole_llmfuse.llm import dtype_kwarg, resolve_model_path, torch_dtype
 
         model, gguf_file, adapter, dtype = self._load
-        kwargs = {"torch_dtype": torch_dtype(dtype, self.device)}
+        kwargs = {dtype_kwarg(): torch_dtype(dtype, self.device)}
         if gguf_file:
             from transformers import GgufConfig
 

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -42,6 +43,16 @@ def resolve_model_path(name: str) -> str:
 
 def default_gguf_file(name: str, gguf_file: Optional[str] = None) -> Optional[str]:
     return gguf_file or (OFFLINE_MODELS[name][2] if name in OFFLINE_MODELS else None)
+
+
+@functools.lru_cache(maxsize=None)
+def dtype_kwarg() -> str:
+    """``from_pretrained``'s dtype argument: ``dtype`` since transformers 4.56 (``torch_dtype`` warns there)."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
 
 
 def default_device() -> str:
@@ -83,7 +94,7 @@ def load_decoder(name: str, device: str = "cpu", dtype: Optional[str] = None, gg
     from transformers import AutoModel
 
     gguf_file = default_gguf_file(name, gguf_file)
-    kwargs = {"torch_dtype": torch_dtype(dtype, device)}
+    kwargs = {dtype_kwarg(): torch_dtype(dtype, device)}
     if gguf_file:
         from transformers import GgufConfig
 

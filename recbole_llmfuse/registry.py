@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
 import os
 from importlib import metadata
@@ -33,6 +34,35 @@ _RECBOLE_SUBPACKAGES = (
 
 class ModelNotFoundError(ValueError):
     """Raised for a model name that no entry point and no RecBole module defines."""
+
+
+#: RecBole models that import an optional package (at import or in the middle of training):
+#: model -> (module, pip name, in the ``recbole-models`` extra)
+OPTIONAL_PACKAGES = {
+    "LightGBM": ("lightgbm", "lightgbm", True),
+    "XGBoost": ("xgboost", "xgboost", True),
+    "NCL": ("faiss", "faiss-cpu", True),
+    "KGIN": ("torch_scatter", "torch-scatter", False),
+    "MCCLK": ("torch_scatter", "torch-scatter", False),
+    "KGAT": ("dgl", "dgl", False),
+}
+
+
+def _check_optional_package(name: str) -> None:
+    """One clear line instead of RecBole's bare ImportError (at import, or epochs into training)."""
+    if name not in OPTIONAL_PACKAGES:
+        return
+    module, pip_name, in_extra = OPTIONAL_PACKAGES[name]
+    if importlib.util.find_spec(module) is None:
+        how = ("pip install 'recbole-llmfuse[recbole-models]'" if in_extra else
+               f"pip install {pip_name} (no wheel matches torch {_torch_version()}: it builds from source)")
+        raise ModelNotFoundError(f"RecBole's model '{name}' needs the package {pip_name}, which is not installed: {how}")
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 def _entry_points():
@@ -119,6 +149,7 @@ def get_model(name: str) -> Type:
     ep = plugin_entry_points().get(name)
     if ep is not None:
         return ep.load()
+    _check_optional_package(name)
     cls = _recbole_class(name)
     if cls is not None:
         return cls
