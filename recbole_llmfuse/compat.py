@@ -153,6 +153,22 @@ def _trainer_amp() -> None:
                             autocast=functools.partial(torch.amp.autocast, "cuda"))
 
 
+def _cpu_ddp() -> None:
+    """RecBole's trainer wraps the model as ``DistributedDataParallel(model, device_ids=[local_rank])``, which
+    torch refuses for a CPU module (``device_ids`` must be None there); with the gloo backend on CPU
+    (``Config._init_device``) the wrapper drops ``device_ids`` for CPU models."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    module = importlib.import_module("recbole.trainer.trainer")
+
+    def ddp(model, device_ids=None, **kwargs):
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+        return DistributedDataParallel(model, device_ids=None if on_cpu else device_ids, **kwargs)
+
+    if getattr(module, "DistributedDataParallel", None) is DistributedDataParallel:
+        module.DistributedDataParallel = ddp
+
+
 def _pkg_resources_packaging() -> None:
     """ray 2.6.3 (the newest recbole accepts) imports ``packaging`` through setuptools' ``pkg_resources``:
     ``from pkg_resources import packaging`` (``ray.air``, so ``ray.tune``) and
@@ -250,5 +266,6 @@ def apply() -> None:
     _autograd_anomaly_off()
     _graph_models()
     _trainer_amp()
+    _cpu_ddp()
     _trim_malloc_heap()
     _APPLIED = True

@@ -150,6 +150,25 @@ class Config(RecBoleConfig):
             final["train_neg_sample_args"] = None
         return final
 
+    # -- devices ------------------------------------------------------------------------------------
+    def _init_device(self):
+        """RecBole's, except that a DDP rank (``local_rank`` set by ``run --nproc N``) without CUDA, or with
+        ``ddp_backend: gloo``, joins a gloo process group on the CPU: RecBole 1.2.1 always initialises NCCL,
+        so DDP could not run on a CPU machine at all."""
+        import torch
+
+        final = self.final_config_dict
+        backend = final.get("ddp_backend") or ("nccl" if torch.cuda.is_available() else "gloo")
+        if "local_rank" not in final or backend != "gloo":
+            return super()._init_device()
+        final["gpu_id"] = str(final["gpu_id"]) if not isinstance(final["gpu_id"], tuple) else ",".join(map(str, final["gpu_id"]))
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(
+                backend="gloo", rank=final["local_rank"] + final["offset"], world_size=final["world_size"],
+                init_method=f"tcp://{final['ip']}:{final['port']}")
+        final["device"] = torch.device("cpu")
+        final["single_spec"] = False
+
     # -- paths --------------------------------------------------------------------------------------
     def _set_default_parameters(self):
         super()._set_default_parameters()

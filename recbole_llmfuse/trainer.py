@@ -70,6 +70,13 @@ class TrainerMixin:
 
             writer.close()
             self.tensorboard = SummaryWriter(os.path.join(config["output_dir"] or os.getcwd(), writer.log_dir))
+        if not config["single_spec"] and getattr(self, "saved_model_file", None):
+            # DDP: every rank names the checkpoint by its own clock, but only rank 0 writes it; all use rank 0's
+            import torch.distributed as dist
+
+            name = [self.saved_model_file]
+            dist.broadcast_object_list(name, src=0)
+            self.saved_model_file = name[0]
         self.callbacks: List[object] = []
         self.epoch_times: List[float] = []
         self.eval_times: List[float] = []
@@ -112,6 +119,10 @@ class TrainerMixin:
         if not eval_data:
             return None
         if load_best_model:
+            if not self.config["single_spec"]:
+                import torch.distributed as dist
+
+                dist.barrier()  # rank 0 has finished writing the checkpoint
             path = model_file or self.saved_model_file
             checkpoint.load_weights(self.model, path, map_location=self.device)
             self.logger.info(f"Loading model structure and parameters from {path}")

@@ -28,3 +28,20 @@ def test_a_model_missing_its_optional_package_says_which_in_one_line(model):
         pytest.skip(f"{pip_name} is installed here")
     with pytest.raises(registry.ModelNotFoundError, match=rf"RecBole's model '{model}' needs the package {pip_name}.*pip install"):
         registry.get_model(model)
+
+
+@pytest.mark.integration
+def test_ddp_runs_two_cpu_processes_with_gloo(small_data_path, tmp_path):
+    import os
+    import socket
+
+    import recbole_llmfuse
+    from conftest import SMALL, small_config
+
+    with socket.socket() as s:  # a free port for the process group
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    cfg = small_config(small_data_path, checkpoint_dir=str(tmp_path / "saved"), epochs=2)
+    result = recbole_llmfuse.run("FastSASRec", SMALL, config_dict=cfg, nproc=2, port=port)
+    assert result is not None and result["test_result"]["ndcg@10"] > 0.01  # rank 0's result; random ~0.003
+    assert os.listdir(tmp_path / "saved") == [os.path.basename(result["model_file"])]  # one checkpoint, by rank 0
