@@ -126,7 +126,8 @@ class ItemEncoderLoraHook(ItemTextEmbeddingHook):
         torch.manual_seed(int(p["seed"]))
         rng = np.random.default_rng(int(p["seed"]))
         encoder = make_encoder({k: v for k, v in p.items() if k in ENCODER_KEYS or k == "backend"})
-        config = LoraConfig(r=int(p["lora_r"]), lora_alpha=int(p["lora_alpha"]), lora_dropout=float(p["lora_dropout"]),
+        # no LoRA dropout: the encoder is tuned in eval mode (see below), where dropout is off anyway
+        config = LoraConfig(r=int(p["lora_r"]), lora_alpha=int(p["lora_alpha"]), lora_dropout=0.0,
                             target_modules=p["target_modules"])
         encoder.set_backbone(get_peft_model(encoder.backbone, config))
         if p["gradient_checkpointing"]:
