@@ -20,6 +20,8 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
+from recbole_llmfuse.atomic import is_float
+
 ID_FIELD = "iid"
 VALUE_FIELD = "item_emb"
 TEXT_HEADER = f"{ID_FIELD}:token\t{VALUE_FIELD}:float_seq"
@@ -227,7 +229,7 @@ def read_text(path: str, expected_dim: Optional[int] = None, kind: str = "item")
             try:
                 vec = np.array(values.split(), dtype=np.float32)
             except ValueError:
-                bad = next(v for v in values.split() if not _is_float(v))
+                bad = next(v for v in values.split() if not is_float(v))
                 raise ItemEmbeddingError(
                     f"{path}, line {lineno}: value {bad!r} in the vector of {kind} '{token}' is not a number; "
                     f"re-run the embedding step."
@@ -242,14 +244,6 @@ def read_text(path: str, expected_dim: Optional[int] = None, kind: str = "item")
     matrix = np.stack(rows) if rows else np.zeros((0, expected_dim or 0), dtype=np.float32)
     check_matrix(tokens, matrix, source=path, expected_dim=expected_dim)
     return np.asarray(tokens, dtype=str), matrix
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
 
 
 def read_table(path: str, expected_dim: Optional[int] = None, kind: str = "item"):

@@ -50,7 +50,7 @@ def header_names(path: str) -> List[str]:
     return [name for name, _ in read_header(path)]
 
 
-def _is_float(text: str) -> bool:
+def is_float(text: str) -> bool:
     try:
         float(text)
         return True
@@ -89,11 +89,11 @@ def check_atomic_file(path: str, time_field: Optional[str] = None) -> Dict[str, 
                             f"{path}, line {lineno}, field {time_field}: empty; RecBole would fill it with the "
                             f"column mean and reorder the sequence. Give every row its time, or drop the row")
                     empty = True
-                elif not _is_float(value):
+                elif not is_float(value):
                     raise AtomicFileError(f"{path}, line {lineno}, field {fields[i][0]}: {value!r} is not a number "
                                           f"(type float); fix the value or declare the field :token")
             for i in seqs:
-                bad = next((v for v in values[i].split() if not _is_float(v)), None)
+                bad = next((v for v in values[i].split() if not is_float(v)), None)
                 if bad is not None:
                     raise AtomicFileError(f"{path}, line {lineno}, field {fields[i][0]}: {bad!r} is not a number "
                                           f"(type float_seq: numbers separated by spaces); fix the value")
