@@ -46,7 +46,9 @@ def _write(root, name, inter, item):
 
 
 def _digests(folder):
-    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest() for f in sorted(os.listdir(folder))}
+    """Every file's SHA-256 (a hook's empty lock file aside: it stays by design, for the next producer)."""
+    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest() for f in sorted(os.listdir(folder))
+            if not f.endswith(".lock")}
 
 
 @pytest.mark.parametrize("case,inter,item,words", CASES, ids=[c[0] for c in CASES])
@@ -213,3 +215,43 @@ def test_converter_output_reads_back_exactly_in_recbole(tmp_path):
         words = [dataset.id2token("title", t) for t in title.tolist() if t]
         assert " ".join(words) == clean_text(text, 2000)  # every word back, in order; nothing swallowed
         assert dataset.id2token("brand", dataset.item_feat["brand"][row][0].item()) == clean_text(text, 2000).split()[0]
+
+
+def _empty_npz(folder):
+    import numpy as np
+
+    np.savez(os.path.join(folder, "ok.itememb.npz"), item_id=np.array([], dtype=str), embedding=np.zeros((0, 4), np.float32))
+
+
+def _text_table(text):
+    def write(folder):
+        with open(os.path.join(folder, "ok.itememb"), "w") as f:
+            f.write(text)
+    return write
+
+
+TABLE_CASES = [  # (case, writes the user's table file, extra overrides, words of the one line)
+    ("empty npz", _empty_npz, [], ["ok.itememb.npz", "no row matches an item", "Re-run the embedding step"]),
+    ("text table with only a header", _text_table("iid:token\titem_emb:float_seq\n"), ["--item_emb_format=text"],
+     ["ok.itememb", "no row matches an item"]),
+    ("non-numeric vector value", _text_table("iid:token\titem_emb:float_seq\ni1\t0.1 x 0.3\n"), ["--item_emb_format=text"],
+     ["ok.itememb, line 2", "'x'", "not a number"]),
+    ("missing text column", None, ["--item_text_embedding={item_text_fields: [no_such_col]}"],
+     ["item_text_fields names ['no_such_col']", "ok.item does not have", "its columns"]),
+]
+
+
+@pytest.mark.parametrize("case,write,extra,words", TABLE_CASES, ids=[c[0] for c in TABLE_CASES])
+def test_bad_feature_tables_and_text_settings_stop_in_one_line(tmp_path, capsys, case, write, extra, words):
+    from recbole_llmfuse.cli import run_recbole_main
+
+    folder = _write(str(tmp_path), "ok", INTER + GOOD_ROWS, ITEM)
+    if write:
+        write(folder)
+    before = _digests(folder)
+    code = run_recbole_main(["--model=MoRec", "--dataset=ok", f"--data_path={tmp_path}", "--state=ERROR", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("run_recbole: error: ")
+    for word in words:
+        assert word in err[-1]
+    assert _digests(folder) == before
