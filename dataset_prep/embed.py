@@ -100,7 +100,7 @@ class SentenceTransformerEncoder(TextEncoder):
         self.device = device or default_device()
         self.st = SentenceTransformer(resolve_model_path(model), device=self.device)
         self.batch_size, self.normalize = batch_size, normalize
-        self.load_adapters(_as_list(peft_model))
+        self.load_adapters(as_list(peft_model))
 
     @property
     def backbone(self):
@@ -146,7 +146,7 @@ class HFEncoder(TextEncoder):
         base, adapters = llm2vec_layout(model, base_model)
         self.tokenizer = load_tokenizer(model if adapters and _has_tokenizer(model) else base, gguf_file)
         self.model = load_decoder(base, self.device, dtype, gguf_file, attn_implementation=None)
-        self.load_adapters(adapters + _as_list(peft_model))
+        self.load_adapters(adapters + as_list(peft_model))
         if bidirectional:
             self.model.config.is_causal = False
         self.batch_size, self.pooling, self.max_length, self.normalize = batch_size, pooling, max_length, normalize
@@ -207,7 +207,8 @@ def _has_tokenizer(model: str) -> bool:
     return any(os.path.isfile(os.path.join(resolve_model_path(model), f)) for f in ("tokenizer.json", "tokenizer_config.json"))
 
 
-def _as_list(value) -> List[str]:
+def as_list(value) -> List[str]:
+    """A parameter given as one string or a list (e.g. ``peft_model``), as a list; none: empty."""
     return [] if value in (None, "", []) else [value] if isinstance(value, str) else list(value)
 
 

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from recbole_llmfuse.dataset_prep.embed import ENCODER_KEYS, ItemTextEmbeddingHook, make_encoder
+from recbole_llmfuse.dataset_prep.embed import ENCODER_KEYS, ItemTextEmbeddingHook, as_list, make_encoder
 from recbole_llmfuse.dataset_prep.hooks import PrepError, atomic_write_text, hook_defaults_file
 from recbole_llmfuse.llm import resolve_model_path
 
@@ -88,9 +88,7 @@ class ItemEncoderLoraHook(ItemTextEmbeddingHook):
         return super().work_dirs() + [self.adapter_dir + ".tmp"]
 
     def encoder_params(self) -> dict:
-        p = self.params
-        adapters = [] if p["peft_model"] in (None, "") else [p["peft_model"]] if isinstance(p["peft_model"], str) else list(p["peft_model"])
-        return {**p, "peft_model": adapters + [self.adapter_dir]}
+        return {**self.params, "peft_model": as_list(self.params["peft_model"]) + [self.adapter_dir]}
 
     def run(self, shard: Optional[str] = None, progress: bool = True) -> dict:
         """Tune (unless this fingerprint's adapter exists), then write the table with it. Returns the table

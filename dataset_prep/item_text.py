@@ -57,7 +57,7 @@ def read_item_file(path: str, id_field: str = "item_id") -> tuple:
             header = next(reader)
         except StopIteration:
             raise ItemTextError(f"{path}: empty file; expected a header such as 'item_id:token<TAB>title:token_seq'") from None
-        columns = header_names(path)
+        columns = header_names(path, header)
         if id_field not in columns:
             raise ItemTextError(f"{path}, line 1: no '{id_field}' column in header {header}; the item id column must be named {id_field}:token")
         rows = []

@@ -52,7 +52,7 @@ def _read_inter(path: str, options: SparsifyOptions):
     with open(path, encoding="utf-8") as f:
         header = f.readline().rstrip("\n")
         lines = [line.rstrip("\n") for line in f if line.strip()]
-    names = header_names(path)
+    names = header_names(path, header.split("\t"))
     for field in (options.user_field, options.item_field, options.time_field):
         if field not in names:
             raise SparsifyError(f"{path}, line 1: no '{field}' column in the header {header!r}; the sparse "
@@ -159,7 +159,7 @@ def sparsify(folder: str, dataset: str, out_root: str, name: str, options: Spars
                 continue
             with open(src, encoding="utf-8") as f_in, open(os.path.join(tmp, f"{name}.{kind}"), "w", encoding="utf-8") as f_out:
                 head = f_in.readline()
-                col = header_names(src).index(field)
+                col = header_names(src, head.rstrip("\n").split("\t")).index(field)
                 f_out.write(head)
                 f_out.writelines(line for line in f_in if line.rstrip("\n").split("\t")[col] in keep_ids[kind])
         with open(os.path.join(tmp, f"{name}.sparsify.json"), "w") as f:

@@ -34,8 +34,13 @@ def read_header(path: str) -> List[Tuple[str, str]]:
         line = f.readline()
     if not line.strip():
         raise AtomicFileError(f"{path}: empty file; the first line must be a header such as '{HEADER_EXAMPLE}'")
+    return parse_header(line.rstrip("\r\n").split("\t"), path)
+
+
+def parse_header(fields: Sequence[str], path: str) -> List[Tuple[str, str]]:
+    """``[(name, type), ...]`` of header fields already read from ``path`` (named in the error)."""
     out = []
-    for column, field in enumerate(line.rstrip("\r\n").split("\t"), start=1):
+    for column, field in enumerate(fields, start=1):
         name, sep, kind = field.partition(":")
         if not sep or kind not in ATOMIC_TYPES or not name:
             raise AtomicFileError(
@@ -45,9 +50,10 @@ def read_header(path: str) -> List[Tuple[str, str]]:
     return out
 
 
-def header_names(path: str) -> List[str]:
-    """The field names of an atomic file's header (see :func:`read_header`)."""
-    return [name for name, _ in read_header(path)]
+def header_names(path: str, fields: Optional[Sequence[str]] = None) -> List[str]:
+    """The field names of an atomic file's header (see :func:`read_header`); ``fields``: the header line's
+    fields when the caller has read them already (the file is not opened again)."""
+    return [name for name, _ in (read_header(path) if fields is None else parse_header(fields, path))]
 
 
 def is_float(text: str) -> bool:
@@ -112,7 +118,12 @@ def check_atomic_file(path: str, time_field: Optional[str] = None) -> Dict[str, 
 
 @functools.lru_cache(maxsize=64)
 def _checked(path: str, size: int, mtime: float, time_field: Optional[str]) -> Dict[str, int]:
-    return check_atomic_file(path, time_field)
+    """:func:`check_atomic_file` once per file version; its warning comes with that one check."""
+    counts = check_atomic_file(path, time_field)
+    if counts["defaulted"]:
+        getLogger().warning(f"{path}: {counts['defaulted']} of {counts['rows']} rows have an empty float value; "
+                            f"RecBole fills it with the column mean")
+    return counts
 
 
 def check_dataset(folder: str, dataset: str, time_field: Optional[str] = None,
@@ -125,9 +136,5 @@ def check_dataset(folder: str, dataset: str, time_field: Optional[str] = None,
         if not os.path.isfile(path):
             continue
         stat = os.stat(path)
-        first = _checked.cache_info().currsize
         out[suffix] = _checked(path, stat.st_size, stat.st_mtime, time_field if suffix == "inter" else None)
-        if out[suffix]["defaulted"] and _checked.cache_info().currsize > first:
-            getLogger().warning(f"{path}: {out[suffix]['defaulted']} of {out[suffix]['rows']} rows have an empty "
-                                f"float value; RecBole fills it with the column mean")
     return out

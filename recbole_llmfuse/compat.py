@@ -50,51 +50,6 @@ def _numpy_aliases() -> None:
             setattr(np, old, getattr(np, new))
 
 
-class _TrustedTorch(types.ModuleType):
-    """``torch`` as seen by RecBole's trainer: identical, except ``load`` defaults to ``weights_only=False``.
-
-    torch 2.6 made ``weights_only=True`` the default of ``torch.load``. RecBole's checkpoints pickle the
-    whole ``Config``, so the best-model reload in ``Trainer.evaluate`` and ``resume_checkpoint`` fail with
-    ``UnpicklingError: Weights only load failed`` (RUCAIBox/RecBole PR #2155, issue #2212). The files
-    are the ones the same run just wrote, so loading them fully is safe; the global default of torch is left alone (no
-    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` environment variable).
-    """
-
-    def __init__(self, torch_module):
-        super().__init__("torch")
-        self._torch = torch_module
-
-    def __getattr__(self, name):
-        return getattr(self._torch, name)
-
-    def load(self, *args, **kwargs):
-        kwargs.setdefault("weights_only", False)
-        return self._torch.load(*args, **kwargs)
-
-
-def trusted_torch_load(path, map_location=None):
-    """Load a checkpoint written by RecBole or by this package (it contains a pickled ``Config``)."""
-    import torch
-
-    return torch.load(path, map_location=map_location, weights_only=False)
-
-
-def _torch_checkpoint_loading() -> None:
-    import importlib
-
-    import torch
-
-    proxy = _TrustedTorch(torch)
-    for name in (
-        "recbole.trainer.trainer",
-        "recbole.quick_start.quick_start",
-        "recbole.model.sequential_recommender.s3rec",
-    ):
-        module = importlib.import_module(name)
-        if getattr(module, "torch", None) is torch:
-            module.torch = proxy
-
-
 class _Proxy(types.ModuleType):
     """A module as seen by some RecBole modules: the original, with a few names replaced."""
 
@@ -105,6 +60,37 @@ class _Proxy(types.ModuleType):
 
     def __getattr__(self, name):
         return getattr(self._module, name)
+
+
+def trusted_torch_load(path, map_location=None):
+    """Load a checkpoint written by RecBole or by this package (it contains a pickled ``Config``)."""
+    import torch
+
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def _torch_checkpoint_loading() -> None:
+    """``torch`` as seen by RecBole's trainer, quick start and S3Rec: ``load`` defaults to ``weights_only=False``.
+
+    torch 2.6 made ``weights_only=True`` the default of ``torch.load``. RecBole's checkpoints pickle the
+    whole ``Config``, so the best-model reload in ``Trainer.evaluate`` and ``resume_checkpoint`` fail with
+    ``UnpicklingError: Weights only load failed`` (RUCAIBox/RecBole PR #2155, issue #2212). The files
+    are the ones the same run just wrote, so loading them fully is safe; the global default of torch is left alone (no
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` environment variable).
+    """
+    import importlib
+
+    import torch
+
+    proxy = _Proxy(torch, load=lambda *args, **kwargs: torch.load(*args, **{"weights_only": False, **kwargs}))
+    for name in (
+        "recbole.trainer.trainer",
+        "recbole.quick_start.quick_start",
+        "recbole.model.sequential_recommender.s3rec",
+    ):
+        module = importlib.import_module(name)
+        if getattr(module, "torch", None) is torch:
+            module.torch = proxy
 
 
 #: RecBole 1.2.1 modules that fill a ``scipy.sparse.dok_matrix`` with ``A._update(dict)`` (graph models)

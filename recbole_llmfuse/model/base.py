@@ -222,8 +222,8 @@ class LLMFusedSequentialRecommender(SequentialBase):
         with ``loss_type: CE`` (the softmax needs them anyway), else the distinct items of history, targets
         and sampled negatives (InfoNCE's negatives are drawn here, before the forward pass, for that). The
         copies of an item in a step share one dropout mask. Re-entrant; a no-op outside training."""
-        sources = [m for m in self.modules() if hasattr(m, "begin_step")]
-        if self._in_step or not self.training or not sources:
+        sources = [] if self._in_step or not self.training else [m for m in self.modules() if hasattr(m, "begin_step")]
+        if not sources:
             yield
             return
         seq = interaction[self.ITEM_SEQ]
