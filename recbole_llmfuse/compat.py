@@ -155,6 +155,28 @@ def _cpu_ddp() -> None:
         module.DistributedDataParallel = ddp
 
 
+ENSURE_DIR_MODULES = ("recbole.utils.utils", "recbole.utils", "recbole.utils.logger", "recbole.trainer.trainer",
+                      "recbole.data.utils", "recbole.data.dataset.dataset")
+
+
+def _concurrent_ensure_dir() -> None:
+    """RecBole's ``ensure_dir`` is ``if not os.path.exists(p): os.makedirs(p)``: two DDP ranks starting together
+    both see ``./log`` missing and the second ``makedirs`` raises ``FileExistsError`` (seen in CI with 2 CPU
+    ranks). Every RecBole module that imported it gets ``os.makedirs(p, exist_ok=True)``, the same result
+    without the race."""
+    import os
+
+    original = importlib.import_module("recbole.utils.utils").ensure_dir
+
+    def ensure_dir(dir_path):
+        os.makedirs(dir_path, exist_ok=True)
+
+    for name in ENSURE_DIR_MODULES:
+        module = importlib.import_module(name)
+        if getattr(module, "ensure_dir", None) is original:
+            module.ensure_dir = ensure_dir
+
+
 def _pkg_resources_packaging() -> None:
     """ray 2.6.3 (the newest recbole accepts) imports ``packaging`` through setuptools' ``pkg_resources``:
     ``from pkg_resources import packaging`` (``ray.air``, so ``ray.tune``) and
@@ -253,5 +275,6 @@ def apply() -> None:
     _graph_models()
     _trainer_amp()
     _cpu_ddp()
+    _concurrent_ensure_dir()
     _trim_malloc_heap()
     _APPLIED = True

@@ -45,3 +45,20 @@ def test_ddp_runs_two_cpu_processes_with_gloo(small_data_path, tmp_path):
     result = recbole_llmfuse.run("FastSASRec", SMALL, config_dict=cfg, nproc=2, port=port)
     assert result is not None and result["test_result"]["ndcg@10"] > 0.01  # rank 0's result; random ~0.003
     assert os.listdir(tmp_path / "saved") == [os.path.basename(result["model_file"])]  # one checkpoint, by rank 0
+
+
+def test_recbole_folders_are_made_race_free(tmp_path, monkeypatch):
+    """Two DDP ranks both find ``./log`` missing, then both create it: the second must not fail."""
+    import os
+
+    import recbole.trainer.trainer
+    import recbole.utils.logger
+
+    import recbole_llmfuse  # noqa: F401  (applies the shims)
+
+    target = tmp_path / "log"
+    target.mkdir()
+    monkeypatch.setattr(os.path, "exists", lambda path: False)  # the other rank made it in between
+    for ensure_dir in (recbole.utils.logger.ensure_dir, recbole.trainer.trainer.ensure_dir):
+        ensure_dir(str(target))
+    assert target.is_dir()
