@@ -15,9 +15,10 @@ Work is split into shards of ``shard_size`` items written as they finish (temp f
 interrupted run resumes from the finished shards; ``shard="i/N"`` computes only every N-th shard (for
 several machines or GPUs), and the run that finds all shards present merges them. ``ray_workers > 0``
 spreads the shards over that many Ray actors, one model replica each (a local Ray, or the cluster at
-``ray_address``; one GPU per actor when ``device`` is CUDA). Ray's actor pool is used rather than Ray
-Data, whose ray 2.6.3 release (the newest recbole 1.2.1 accepts) fails to import with pandas >= 2.2 and
-pyarrow >= 21.
+``ray_address``; one GPU per actor when ``device`` is CUDA), through Ray's actor pool (``ray_engine:
+actors``, any Ray) or Ray Data (``ray_engine: data``: streaming batch inference with ``map_batches`` over a
+pool of encoder actors, backpressure and GPU batching; needs Ray >= 2.40, which the documented install gives —
+the ray 2.6.3 a plain ``pip install`` resolves to fails to import Ray Data with pandas >= 2.2 / pyarrow >= 21).
 """
 from __future__ import annotations
 
@@ -237,6 +238,20 @@ class _ShardWorker:
         return len(texts)
 
 
+class _BatchEncoder:
+    """Ray Data ``map_batches`` callable: one model replica per actor; ``{row, text}`` -> ``{row, embedding}``."""
+
+    def __init__(self, params: dict):
+        self.encoder = make_encoder(params)
+
+    def __call__(self, batch: dict) -> dict:
+        return {"row": batch["row"], "embedding": self.encoder.encode([str(t) for t in batch["text"]]).astype(np.float32)}
+
+
+#: the oldest Ray whose Ray Data runs on our pandas / pyarrow (ray 2.6.3's fails to import)
+RAY_DATA_MIN = (2, 40)
+
+
 class ItemTextEmbeddingHook(PrepHook):
     """Writes ``<dataset>.itememb.npz`` (and the RecBole text twin) from item text. See module docstring."""
 
@@ -244,7 +259,7 @@ class ItemTextEmbeddingHook(PrepHook):
     cli = "embed"
     defaults_file = hook_defaults_file(name)
     runtime_params = ("auto_run", "batch_size", "device", "formats", "shard_size", "ray_workers", "ray_address",
-                      "allow_all_fallback")
+                      "ray_engine", "allow_all_fallback")
     late_params = ("base_model", "bidirectional", "instruction", "text_format")
 
     def outputs(self) -> List[str]:
@@ -317,7 +332,10 @@ class ItemTextEmbeddingHook(PrepHook):
         encode_seconds = 0.0
         if todo:
             if self.params["ray_workers"]:
-                self._encode_with_ray(items, todo, size, part)
+                if self.params["ray_engine"] not in ("actors", "data"):
+                    raise PrepError(f"{self.name}: ray_engine must be actors or data, not {self.params['ray_engine']!r}")
+                encode = self._encode_with_ray_data if self.params["ray_engine"] == "data" else self._encode_with_ray
+                encode(items, todo, size, part)
                 encode_seconds = time.perf_counter() - start
             else:
                 encode_seconds = self._encode_locally(items, todo, size, part, progress)
@@ -356,21 +374,51 @@ class ItemTextEmbeddingHook(PrepHook):
         bar.close()
         return time.perf_counter() - start
 
+    def _init_ray(self):
+        """``(ray, gpus per actor)``: joins ``ray_address`` or starts a local Ray with ``ray_workers`` CPUs."""
+        import ray
+
+        from recbole_llmfuse.tune import init_ray
+
+        init_ray(self.params["ray_address"], int(self.params["ray_workers"]))
+        return ray, 1 if str(self.params.get("device") or "").startswith("cuda") else 0
+
     def _encode_with_ray(self, items, todo, size, part):
         """Shards spread over ``ray_workers`` actors (one model replica each, 1 GPU each on CUDA)."""
-        import ray
         from ray.util import ActorPool
 
-        address = self.params["ray_address"]
-        if not ray.is_initialized():
-            ray.init(address=address, num_cpus=None if address else int(self.params["ray_workers"]),
-                     include_dashboard=False, log_to_driver=False)
-        use_gpu = str(self.params.get("device") or "").startswith("cuda")
-        worker = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_ShardWorker)
+        ray, gpus = self._init_ray()
+        worker = ray.remote(num_cpus=1, num_gpus=gpus)(_ShardWorker)
         pool = ActorPool([worker.remote(self.encoder_params()) for _ in range(int(self.params["ray_workers"]))])
         jobs = [(items.texts[k * size:(k + 1) * size], part(k)) for k in todo]
         for _ in pool.map_unordered(lambda actor, job: actor.encode_shard.remote(*job), jobs):
             pass
+
+    def _encode_with_ray_data(self, items, todo, size, part):
+        """The shards' items as a Ray Dataset, ``map_batches`` over ``ray_workers`` encoder actors; batches
+        stream back (in any order) and each shard's part file is written as soon as its last row arrives, so
+        an interrupted run resumes as with the other paths."""
+        import ray as ray_module
+
+        version = tuple(int(x) for x in ray_module.__version__.split(".")[:2])
+        if version < RAY_DATA_MIN:
+            raise PrepError(f"{self.name}: ray_engine=data needs Ray >= {'.'.join(map(str, RAY_DATA_MIN))}, found "
+                            f"{ray_module.__version__} (recbole pins ray<=2.6.3): install with scripts/setup_env.sh, "
+                            f"which lifts that pin (scripts/overrides.txt), or use ray_engine=actors")
+        ray, gpus = self._init_ray()
+        rows = [{"row": i, "text": items.texts[i]} for k in todo for i in range(k * size, min((k + 1) * size, len(items.texts)))]
+        workers = int(self.params["ray_workers"])
+        batches = ray.data.from_items(rows, override_num_blocks=max(workers, len(rows) // int(self.params["batch_size"]) or 1)).map_batches(
+            _BatchEncoder, fn_constructor_kwargs={"params": self.encoder_params()}, batch_size=int(self.params["batch_size"]),
+            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, num_gpus=gpus)
+        pending = {k: {} for k in todo}  # shard -> {row: vector}
+        for batch in batches.iter_batches(batch_format="numpy", batch_size=None):
+            for row, vector in zip(batch["row"].tolist(), batch["embedding"]):
+                k = row // size
+                pending[k][row] = vector
+                if len(pending[k]) == min(size, len(items.texts) - k * size):
+                    shard = pending.pop(k)
+                    _save_part(part(k), np.stack([shard[r] for r in sorted(shard)]))
 
 
 def _save_part(path: str, vectors: np.ndarray) -> None:

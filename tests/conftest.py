@@ -47,6 +47,14 @@ def small_data_path(tmp_path_factory):
     return str(root)
 
 
+@pytest.fixture
+def folder(small_data_path, tmp_path):
+    """A private copy of ml-small's folder (hooks write next to the data)."""
+    dst = tmp_path / "data" / SMALL
+    shutil.copytree(os.path.join(small_data_path, SMALL), dst)
+    return str(dst)
+
+
 def small_config(data_path: str, **overrides) -> dict:
     """A config that trains in seconds: short sequences, small hidden size, one epoch."""
     cfg = {

@@ -7,7 +7,6 @@ import glob
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,13 +27,6 @@ from conftest import SMALL
 
 BIN = os.path.dirname(sys.executable)
 LOAD_COL = {"inter": ["user_id", "item_id", "timestamp"]}
-
-
-@pytest.fixture
-def folder(small_data_path, tmp_path):
-    dst = tmp_path / "data" / SMALL
-    shutil.copytree(os.path.join(small_data_path, SMALL), dst)
-    return str(dst)
 
 
 def _sha(path):

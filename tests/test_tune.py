@@ -105,3 +105,69 @@ def test_asha_stops_a_bad_trial_and_a_failing_trial_fails_alone(small_data_path,
     assert result["failed"] == 1 and result["best"]["hidden_size"] == 16
     failed = next(r for r in result["rows"] if r["status"] == "failed")
     assert failed["hidden_size"] == 15 and "multiple of n_heads" in failed["error"]
+
+
+@pytest.mark.integration
+def test_sweep_and_embedding_pool_join_a_running_cluster(small_data_path, folder, tmp_path):
+    """``tune --address`` and ``prep embed ray_address=``: a Ray head started on its own (``ray start``), as on a
+    cluster; the sweep's trial and the embedding actors run there (each command in its own process, as users
+    run them), and the commands leave the cluster up."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import numpy as np
+    import ray
+
+    ray.shutdown()
+    # ray.init() exports settings of this process's local Ray of earlier tests (RAY_AUTH_MODE=token, ...): the head
+    # and the commands get a user's shell environment instead. Ray >= 2.5x heads default to token authentication,
+    # which a driver joins with RAY_AUTH_MODE=token (README); this private head and its drivers opt out.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "PYTHONBREAKPOINT"},
+           "RAY_AUTH_MODE": "disabled"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bin_dir = os.path.dirname(sys.executable)
+    # --block: this head's processes end with the CLI (`ray stop` would stop every Ray on the machine)
+    head = subprocess.Popen([os.path.join(bin_dir, "ray"), "start", "--head", "--block", f"--port={port}",
+                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    address = f"127.0.0.1:{port}"
+    cli = os.path.join(bin_dir, "recbole-llmfuse")
+    try:
+        deadline = time.time() + 180
+        while True:  # the GCS port answers once the head is up
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
+                time.sleep(1)
+        space = tmp_path / "space.yaml"
+        space.write_text("learning_rate: {grid_search: [0.004]}\n")
+        out = tmp_path / "cluster"
+        sweep = subprocess.run([cli, "tune", "--model", "FastSASRec", "--dataset", SMALL, "--space", str(space),
+                                "--scheduler", "fifo", "--address", address, "--out", str(out), "--epochs=1",
+                                *SMALL_MODEL, *_small_data(small_data_path)], capture_output=True, text=True, timeout=600, env=env)
+        assert sweep.returncode == 0, sweep.stderr[-3000:]
+        assert "cluster at address: " in sweep.stderr + sweep.stdout and f":{port}" in sweep.stderr + sweep.stdout
+        with open(out / "results.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert rows[0]["status"] == "completed" and float(rows[0]["best_ndcg@10"]) > 0
+        embed = subprocess.run([cli, "prep", "embed", "--dataset", SMALL, "--data_path", os.path.dirname(folder),
+                                "device=cpu", "formats=[npz]", "ray_workers=2", f"ray_address={address}"],
+                               capture_output=True, text=True, timeout=600, env=env)
+        assert embed.returncode == 0, embed.stderr[-3000:]
+        table = np.load(os.path.join(folder, f"{SMALL}.itememb.npz"))["embedding"]
+        assert table.shape[1] == 384 and np.isfinite(table).all()
+        assert head.poll() is None  # still up
+    finally:
+        head.terminate()
+        head.wait(timeout=120)
+        record = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")  # what `ray stop` would remove
+        if os.path.exists(record) and open(record).read().strip().endswith(f":{port}"):
+            os.remove(record)
