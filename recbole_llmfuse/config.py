@@ -26,6 +26,17 @@ from recbole.utils import InputType, ModelType
 from recbole_llmfuse import registry
 
 #: recbole_llmfuse's own defaults (trainer, group metrics, feature tables, hooks), layered for every model.
+def _recbole_lowercase_model_yaml(model: str):
+    """RecBole ships ``lightgbm.yaml`` / ``xgboost.yaml`` for its ``LightGBM`` / ``XGBoost`` classes and looks for
+    ``<class name>.yaml``, so on a case-sensitive file system their defaults (``lgb_params``, ``xgb_params``)
+    never load and training fails on ``None``: such a file is layered in the model-YAML slot."""
+    import recbole
+
+    folder = os.path.join(os.path.dirname(recbole.__file__), "properties", "model")
+    lower = os.path.join(folder, f"{model.lower()}.yaml")
+    return lower if not os.path.isfile(os.path.join(folder, f"{model}.yaml")) and os.path.isfile(lower) else None
+
+
 PLUGIN_OVERALL_YAML = os.path.join(os.path.dirname(importlib.import_module("recbole_llmfuse.properties").__file__),
                                    "overall.yaml")
 
@@ -122,7 +133,7 @@ class Config(RecBoleConfig):
         return model_class.__name__ if not isinstance(model, str) else model, model_class, dataset
 
     def _load_internal_config_dict(self, model, model_class, dataset):
-        self._plugin_model_yaml = registry.model_config_file(model_class)
+        self._plugin_model_yaml = registry.model_config_file(model_class) or _recbole_lowercase_model_yaml(model)
         super()._load_internal_config_dict(model, model_class, dataset)
 
     def _update_internal_config_dict(self, file):

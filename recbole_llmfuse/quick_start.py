@@ -16,6 +16,8 @@ from logging import getLogger
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
+import torch
+
 from recbole.data.transform import construct_transform
 from recbole.utils import get_environment, get_flops, init_logger, init_seed, set_color
 
@@ -56,7 +58,11 @@ def build(config, logger=None):
 
 def log_model(config, model, dataset, logger) -> None:
     """Print the model and its FLOPs as RecBole does, or, above ``model_log_max_params`` parameters (an LLM
-    inside), one summary line: ``get_flops`` deep-copies the model and printing an 8B decoder helps nobody."""
+    inside), one summary line: ``get_flops`` deep-copies the model and printing an 8B decoder helps nobody.
+    RecBole's LightGBM / XGBoost models are boosters, not torch modules: printed only."""
+    if not isinstance(model, torch.nn.Module):
+        logger.info(model)
+        return
     total, trainable, frozen = checkpoint.parameter_summary(model)
     if total <= config["model_log_max_params"]:
         logger.info(model)

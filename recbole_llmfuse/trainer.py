@@ -417,13 +417,44 @@ class StagedTrainer(Trainer):
 _WRAPPED: Dict[type, type] = {}
 
 
+class BoosterRunHooks:
+    """What the run path needs (callbacks, ``on_valid``, ``eval_times``) for RecBole's ``DecisionTreeTrainer``
+    (LightGBM, XGBoost): its model is a booster, not a torch module, trained in one call with its own
+    ``_valid_epoch(valid_data)`` and its own model files, so checkpoints and timing stay RecBole's."""
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.callbacks: List[object] = []
+        self.epoch_times: List[float] = []
+        self.eval_times: List[float] = []
+
+    add_callback = TrainerMixin.add_callback
+    emit = TrainerMixin.emit
+
+    def _valid_epoch(self, valid_data, show_progress=False):
+        score, result = super()._valid_epoch(valid_data)
+        self.emit("on_valid", 0, score, result)
+        return score, result
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        start = time.perf_counter()
+        result = super().evaluate(eval_data, load_best_model=load_best_model, model_file=model_file,
+                                  show_progress=show_progress)
+        self.eval_times.append(time.perf_counter() - start)
+        return result
+
+
 def with_run_hooks(trainer_class: type) -> type:
-    """``trainer_class`` with :class:`TrainerMixin` (RecBole's plain ``Trainer`` becomes :class:`Trainer`)."""
-    if issubclass(trainer_class, TrainerMixin):
+    """``trainer_class`` with :class:`TrainerMixin` (RecBole's plain ``Trainer`` becomes :class:`Trainer`;
+    RecBole's ``DecisionTreeTrainer`` family gets :class:`BoosterRunHooks`)."""
+    from recbole.trainer import DecisionTreeTrainer
+
+    if issubclass(trainer_class, (TrainerMixin, BoosterRunHooks)):
         return trainer_class
     if trainer_class is RecBoleTrainer:
         return Trainer
     if trainer_class not in _WRAPPED:
-        _WRAPPED[trainer_class] = type(trainer_class.__name__, (TrainerMixin, trainer_class),
+        hooks = BoosterRunHooks if issubclass(trainer_class, DecisionTreeTrainer) else TrainerMixin
+        _WRAPPED[trainer_class] = type(trainer_class.__name__, (hooks, trainer_class),
                                        {"__module__": __name__, "__doc__": trainer_class.__doc__})
     return _WRAPPED[trainer_class]

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Creates (or reuses) a virtualenv and installs this package into it, non-editable, CPU torch first, with
 # uv's --override lifting recbole 1.2.1's ray<=2.6.3 pin to a current Ray (scripts/overrides.txt).
-#   VENV=.venv  PYTHON=python3  TORCH_VERSION=2.13.0  EXTRAS=llm,tune,dev   (environment overrides)
+#   VENV=.venv  PYTHON=python3  TORCH_VERSION=2.13.0  EXTRAS=llm,tune,dev,recbole-models   (environment overrides)
 # Source it (`source scripts/setup_env.sh`) to get $VENV; run it to just install.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-EXTRAS=${EXTRAS:-llm,tune,dev}
+EXTRAS=${EXTRAS:-llm,tune,dev,recbole-models}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # A pinned CPU torch first: an unpinned torch requirement would pull a multi-GB CUDA build.

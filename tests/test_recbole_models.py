@@ -21,6 +21,31 @@ def test_graph_models_train_an_epoch_on_ml100k_without_deprecated_calls(model, t
     assert result["test_result"]["ndcg@10"] > 0.03  # a random ranker scores ~0.005 here
 
 
+#: RecBole's context-aware protocol for its boosters: ratings >= 4 are positives, random split, AUC
+BOOSTER_DATA = {"load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"],
+                             "user": ["user_id", "age", "gender", "occupation"], "item": ["item_id", "release_year", "class"]},
+                "threshold": {"rating": 4}, "metrics": ["AUC", "LogLoss"], "valid_metric": "AUC", "epochs": 1,
+                "eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "RO", "group_by": None, "mode": "labeled"}}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("model, settings, metric, floor", [
+    ("LightGBM", {**BOOSTER_DATA, "lgb_num_boost_round": 20}, "auc", 0.6),  # a random scorer: AUC 0.5
+    ("XGBoost", {**BOOSTER_DATA, "xgb_num_boost_round": 20}, "auc", 0.6),
+    # faiss k-means (RecBole's 1000 clusters > 943 users); a random ranker scores 0.006 here
+    ("NCL", {"num_clusters": 100, "epochs": 1, "train_batch_size": 256}, "ndcg@10", 0.03),
+])
+def test_models_of_the_recbole_models_extra_learn_on_ml100k(model, settings, metric, floor, tmp_path):
+    """The extra's packages installed (scripts/setup_env.sh installs it): RecBole's model runs through our run
+    path. The boosters also need RecBole's lower-case ``lightgbm.yaml`` / ``xgboost.yaml`` (config) and a
+    trainer without torch checkpoints (``BoosterRunHooks``)."""
+    module, pip_name, _ = registry.OPTIONAL_PACKAGES[model]
+    pytest.importorskip(module, reason=f"{pip_name} (the recbole-models extra) is not installed")
+    result = run_recbole(model=model, dataset="ml-100k", config_dict={
+        "data_path": str(tmp_path), "state": "WARNING", "show_progress": False, "seed": 0, **settings}, argv=[])
+    assert result["test_result"][metric] > floor
+
+
 @pytest.mark.parametrize("model", sorted(registry.OPTIONAL_PACKAGES))
 def test_a_model_missing_its_optional_package_says_which_in_one_line(model):
     module, pip_name, _ = registry.OPTIONAL_PACKAGES[model]
