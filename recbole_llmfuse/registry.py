@@ -54,7 +54,9 @@ def _check_optional_package(name: str) -> None:
         return
     module, pip_name, in_extra = OPTIONAL_PACKAGES[name]
     if importlib.util.find_spec(module) is None:
-        how = ("pip install 'recbole-llmfuse[recbole-models]'" if in_extra else
+        # the package alone: `pip install 'recbole-llmfuse[recbole-models]'` would re-resolve recbole's
+        # ray<=2.6.3 and downgrade the Ray the documented install gives
+        how = (f"pip install {pip_name} (all of them: the recbole-models extra, README Install)" if in_extra else
                f"pip install {pip_name} (no wheel matches torch {_torch_version()}: it builds from source)")
         raise ModelNotFoundError(f"RecBole's model '{name}' needs the package {pip_name}, which is not installed: {how}")
 
