@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The default test suite (about 15 minutes of tests on 2 CPU cores): sets up .venv, then runs every test not
+# The default test suite (15-35 minutes of tests on 2 CPU cores, README "Tests"): sets up .venv, then runs every test not
 # marked slow against the installed (non-editable) package. Extra arguments go to pytest, e.g.
 #   bash scripts/test.sh -m slow        # the minutes-long benchmarks-as-tests
 set -euo pipefail
