@@ -57,7 +57,34 @@ SCHEDULES = ("none", "constant", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16", "auto")
 
 
-class TrainerMixin:
+class RunHooks:
+    """What the run path needs from every trainer: callbacks (``add_callback``, ``emit``) and the timings
+    ``epoch_times`` / ``eval_times``."""
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.callbacks: List[object] = []
+        self.epoch_times: List[float] = []
+        self.eval_times: List[float] = []
+
+    def add_callback(self, callback) -> None:
+        self.callbacks.append(callback)
+
+    def emit(self, event: str, *args) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, event, None)
+            if fn is not None:
+                fn(self, *args)
+
+    def _timed_evaluate(self, eval_data, **kwargs):
+        """The wrapped RecBole trainer's ``evaluate``, its seconds appended to ``eval_times``."""
+        start = time.perf_counter()
+        result = super().evaluate(eval_data, **kwargs)
+        self.eval_times.append(time.perf_counter() - start)
+        return result
+
+
+class TrainerMixin(RunHooks):
     """Callbacks, timing, lean checkpoints and group metrics for any RecBole trainer (module docstring)."""
 
     def __init__(self, config, model):
@@ -77,21 +104,8 @@ class TrainerMixin:
             name = [self.saved_model_file]
             dist.broadcast_object_list(name, src=0)
             self.saved_model_file = name[0]
-        self.callbacks: List[object] = []
-        self.epoch_times: List[float] = []
-        self.eval_times: List[float] = []
         self._epoch = -1
         enable_group_metrics(self)
-
-    # -- callbacks ----------------------------------------------------------------------------------
-    def add_callback(self, callback) -> None:
-        self.callbacks.append(callback)
-
-    def emit(self, event: str, *args) -> None:
-        for cb in self.callbacks:
-            fn = getattr(cb, event, None)
-            if fn is not None:
-                fn(self, *args)
 
     @property
     def optimizers(self) -> Dict[str, torch.optim.Optimizer]:
@@ -126,10 +140,7 @@ class TrainerMixin:
             path = model_file or self.saved_model_file
             checkpoint.load_weights(self.model, path, map_location=self.device)
             self.logger.info(f"Loading model structure and parameters from {path}")
-        start = time.perf_counter()
-        result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
-        self.eval_times.append(time.perf_counter() - start)
-        return result
+        return self._timed_evaluate(eval_data, load_best_model=False, show_progress=show_progress)
 
     # -- lean checkpoints ---------------------------------------------------------------------------
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
@@ -417,19 +428,10 @@ class StagedTrainer(Trainer):
 _WRAPPED: Dict[type, type] = {}
 
 
-class BoosterRunHooks:
-    """What the run path needs (callbacks, ``on_valid``, ``eval_times``) for RecBole's ``DecisionTreeTrainer``
-    (LightGBM, XGBoost): its model is a booster, not a torch module, trained in one call with its own
-    ``_valid_epoch(valid_data)`` and its own model files, so checkpoints and timing stay RecBole's."""
-
-    def __init__(self, config, model):
-        super().__init__(config, model)
-        self.callbacks: List[object] = []
-        self.epoch_times: List[float] = []
-        self.eval_times: List[float] = []
-
-    add_callback = TrainerMixin.add_callback
-    emit = TrainerMixin.emit
+class BoosterRunHooks(RunHooks):
+    """:class:`RunHooks` for RecBole's ``DecisionTreeTrainer`` (LightGBM, XGBoost): its model is a booster, not a
+    torch module, trained in one call with its own ``_valid_epoch(valid_data)`` and its own model files, so
+    checkpoints stay RecBole's."""
 
     def _valid_epoch(self, valid_data, show_progress=False):
         score, result = super()._valid_epoch(valid_data)
@@ -437,11 +439,8 @@ class BoosterRunHooks:
         return score, result
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
-        start = time.perf_counter()
-        result = super().evaluate(eval_data, load_best_model=load_best_model, model_file=model_file,
-                                  show_progress=show_progress)
-        self.eval_times.append(time.perf_counter() - start)
-        return result
+        return self._timed_evaluate(eval_data, load_best_model=load_best_model, model_file=model_file,
+                                    show_progress=show_progress)
 
 
 def with_run_hooks(trainer_class: type) -> type:
@@ -449,7 +448,7 @@ def with_run_hooks(trainer_class: type) -> type:
     RecBole's ``DecisionTreeTrainer`` family gets :class:`BoosterRunHooks`)."""
     from recbole.trainer import DecisionTreeTrainer
 
-    if issubclass(trainer_class, (TrainerMixin, BoosterRunHooks)):
+    if issubclass(trainer_class, RunHooks):
         return trainer_class
     if trainer_class is RecBoleTrainer:
         return Trainer
