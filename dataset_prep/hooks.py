@@ -456,11 +456,16 @@ def builtin_hooks() -> Dict[str, Type[PrepHook]]:
                                 ProfileEmbeddingHook)}
 
 
-def get_hook(name: str) -> Type[PrepHook]:
+def available_hooks() -> Dict[str, Type[PrepHook]]:
+    """``{name: hook class}``: the built-in hooks, then those other packages declare in the entry-point group."""
     hooks = builtin_hooks()
-    eps = metadata.entry_points()
-    for ep in eps.select(group=ENTRY_POINT_GROUP) if hasattr(eps, "select") else eps.get(ENTRY_POINT_GROUP, []):
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         hooks.setdefault(ep.name, ep.load())
+    return hooks
+
+
+def get_hook(name: str) -> Type[PrepHook]:
+    hooks = available_hooks()
     if name not in hooks:
         raise PrepError(f"unknown prep hook '{name}'; available: {sorted(hooks)}")
     return hooks[name]

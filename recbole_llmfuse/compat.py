@@ -10,11 +10,13 @@ RecBole methods.
 
 Applied once, on ``import recbole_llmfuse``, before anything else imports RecBole. Every shim is small,
 scoped to RecBole's own modules, and a no-op where the installed version does not need it. Each one
-names the upstream problem it answers. See ``shared/notes/stack.md`` for the measured traces.
+names the upstream problem it answers.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import sys
 import types
 
 _APPLIED = False
@@ -69,7 +71,8 @@ def trusted_torch_load(path, map_location=None):
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
-def _torch_checkpoint_loading() -> None:
+# -- patches, each applied to one RecBole module right after it is imported ----------------------------------
+def _torch_checkpoint_loading(module) -> None:
     """``torch`` as seen by RecBole's trainer, quick start and S3Rec: ``load`` defaults to ``weights_only=False``.
 
     torch 2.6 made ``weights_only=True`` the default of ``torch.load``. RecBole's checkpoints pickle the
@@ -78,19 +81,10 @@ def _torch_checkpoint_loading() -> None:
     are the ones the same run just wrote, so loading them fully is safe; the global default of torch is left alone (no
     ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` environment variable).
     """
-    import importlib
-
     import torch
 
-    proxy = _Proxy(torch, load=lambda *args, **kwargs: torch.load(*args, **{"weights_only": False, **kwargs}))
-    for name in (
-        "recbole.trainer.trainer",
-        "recbole.quick_start.quick_start",
-        "recbole.model.sequential_recommender.s3rec",
-    ):
-        module = importlib.import_module(name)
-        if getattr(module, "torch", None) is torch:
-            module.torch = proxy
+    if getattr(module, "torch", None) is torch:
+        module.torch = _Proxy(torch, load=lambda *args, **kwargs: torch.load(*args, **{"weights_only": False, **kwargs}))
 
 
 #: RecBole 1.2.1 modules that fill a ``scipy.sparse.dok_matrix`` with ``A._update(dict)`` (graph models)
@@ -102,30 +96,34 @@ SPARSE_TENSOR_MODULES = DOK_UPDATE_MODULES + tuple(
     "recbole.model.layers", "recbole.model.knowledge_aware_recommender.kgat")
 
 
-def _graph_models() -> None:
+def _sparse_tensors(module) -> None:
+    """``torch.sparse.FloatTensor(indices, values[, size])`` warns since torch 2.x; RecBole's graph models and
+    layers get a ``torch.sparse.FloatTensor`` that is ``torch.sparse_coo_tensor``. Upstream: RUCAIBox/RecBole
+    issue #2007 / PR #2021 (not in a release)."""
+    import torch
+
+    if getattr(module, "torch", None) is torch:
+        sparse = _Proxy(torch.sparse, FloatTensor=lambda *args, **kw: torch.sparse_coo_tensor(
+            *args, **{"check_invariants": False, **kw}))
+        module.torch = _Proxy(torch, sparse=sparse)
+
+
+def _dok_update(module) -> None:
     """RecBole's graph models (LightGCN, NGCF, GCMC, SpectralCF, NCL, KGIN, MCCLK) fill their adjacency with
     ``dok_matrix._update(dict)``, removed in scipy 1.13 (``AttributeError``); their ``scipy.sparse`` gets a
     ``dok_matrix`` with ``_update`` (an unchecked bulk insert into the matrix's ``_dict``, what the old
-    ``dict.update`` did). ``torch.sparse.FloatTensor(indices, values[, size])`` warns since torch 2.x; those
-    modules' ``torch.sparse.FloatTensor`` is ``torch.sparse_coo_tensor``. Upstream: RUCAIBox/RecBole issue
-    #2007 / PR #2021 (not in a release)."""
+    ``dict.update`` did)."""
     import scipy.sparse as sp
-    import torch
 
     dok = sp.dok_matrix
-    if not hasattr(dok, "_update") and isinstance(getattr(dok((1, 1)), "_dict", None), dict):
+    if hasattr(dok, "_update") or not isinstance(getattr(dok((1, 1)), "_dict", None), dict):
+        return
+    if getattr(module, "sp", None) is sp:
         dok = type("dok_matrix", (sp.dok_matrix,), {"_update": lambda self, data: self._dict.update(data)})
-    sparse = _Proxy(torch.sparse, FloatTensor=lambda *args, **kw: torch.sparse_coo_tensor(*args, **{"check_invariants": False, **kw}))
-    torch_proxy = _Proxy(torch, sparse=sparse)
-    for name in SPARSE_TENSOR_MODULES:
-        module = importlib.import_module(name)
-        if getattr(module, "torch", None) is torch:
-            module.torch = torch_proxy
-        if name in DOK_UPDATE_MODULES and dok is not sp.dok_matrix and getattr(module, "sp", None) is sp:
-            module.sp = _Proxy(sp, dok_matrix=dok)
+        module.sp = _Proxy(sp, dok_matrix=dok)
 
 
-def _trainer_amp() -> None:
+def _trainer_amp(module) -> None:
     """RecBole's trainer builds ``torch.cuda.amp.GradScaler(enabled=...)`` and ``torch.cuda.amp.autocast``, which
     warn (FutureWarning) on every trainer since torch 2.4; its ``amp`` becomes ``torch.amp`` with device
     ``cuda`` (the same objects the deprecated names return)."""
@@ -133,19 +131,16 @@ def _trainer_amp() -> None:
 
     import torch
 
-    module = importlib.import_module("recbole.trainer.trainer")
     if getattr(module, "amp", None) is getattr(torch.cuda, "amp", None) and hasattr(torch.amp, "GradScaler"):
         module.amp = _Proxy(torch.cuda.amp, GradScaler=functools.partial(torch.amp.GradScaler, "cuda"),
                             autocast=functools.partial(torch.amp.autocast, "cuda"))
 
 
-def _cpu_ddp() -> None:
+def _cpu_ddp(module) -> None:
     """RecBole's trainer wraps the model as ``DistributedDataParallel(model, device_ids=[local_rank])``, which
     torch refuses for a CPU module (``device_ids`` must be None there); with the gloo backend on CPU
     (``Config._init_device``) the wrapper drops ``device_ids`` for CPU models."""
     from torch.nn.parallel import DistributedDataParallel
-
-    module = importlib.import_module("recbole.trainer.trainer")
 
     def ddp(model, device_ids=None, **kwargs):
         on_cpu = all(p.device.type == "cpu" for p in model.parameters())
@@ -155,26 +150,149 @@ def _cpu_ddp() -> None:
         module.DistributedDataParallel = ddp
 
 
+#: the modules that hold RecBole's ``ensure_dir`` (its home first)
 ENSURE_DIR_MODULES = ("recbole.utils.utils", "recbole.utils", "recbole.utils.logger", "recbole.trainer.trainer",
                       "recbole.data.utils", "recbole.data.dataset.dataset")
+_ORIGINAL_ENSURE_DIR = []
 
 
-def _concurrent_ensure_dir() -> None:
-    """RecBole's ``ensure_dir`` is ``if not os.path.exists(p): os.makedirs(p)``: two DDP ranks starting together
-    both see ``./log`` missing and the second ``makedirs`` raises ``FileExistsError`` (seen in CI with 2 CPU
-    ranks). Every RecBole module that imported it gets ``os.makedirs(p, exist_ok=True)``, the same result
-    without the race."""
+def _race_free_ensure_dir(dir_path) -> None:
     import os
 
-    original = importlib.import_module("recbole.utils.utils").ensure_dir
+    os.makedirs(dir_path, exist_ok=True)
 
-    def ensure_dir(dir_path):
-        os.makedirs(dir_path, exist_ok=True)
 
-    for name in ENSURE_DIR_MODULES:
-        module = importlib.import_module(name)
-        if getattr(module, "ensure_dir", None) is original:
-            module.ensure_dir = ensure_dir
+def _concurrent_ensure_dir(module) -> None:
+    """RecBole's ``ensure_dir`` is ``if not os.path.exists(p): os.makedirs(p)``: two DDP ranks starting together
+    both see ``./log`` missing and the second ``makedirs`` raises ``FileExistsError`` (seen in CI with 2 CPU
+    ranks). It becomes ``os.makedirs(p, exist_ok=True)``, the same result without the race: replaced in its
+    home module as it is imported (every later ``from recbole.utils.utils import ensure_dir`` gets the new
+    one), and in modules that had already copied the original when the shims were applied."""
+    current = getattr(module, "ensure_dir", None)
+    if module.__name__ == ENSURE_DIR_MODULES[0] and current is not _race_free_ensure_dir:
+        _ORIGINAL_ENSURE_DIR.append(current)
+    if current is not None and current in _ORIGINAL_ENSURE_DIR:
+        module.ensure_dir = _race_free_ensure_dir
+
+
+def _autograd_anomaly_off(module) -> None:
+    """RecBole 1.2.1's ``sequential_recommender/sine.py`` runs ``torch.autograd.set_detect_anomaly(True)``
+    at import, and ``recbole.model.sequential_recommender`` imports it with every sequential model: every
+    RecBole training in the process then runs in PyTorch's debugging mode (NaN checks on every backward
+    op, 1.5-2x slower SASRec epochs measured here). Results are unchanged by turning it off; call
+    ``torch.autograd.set_detect_anomaly(True)`` yourself to debug.
+    """
+    import torch
+
+    torch.autograd.set_detect_anomaly(False)
+
+
+#: module -> the patches applied to it right after its import (or at once, if it is already imported)
+PATCHES = {
+    "recbole.utils.utils": [_concurrent_ensure_dir],
+    **{name: [_concurrent_ensure_dir] for name in ENSURE_DIR_MODULES[1:]},
+    "recbole.quick_start.quick_start": [_torch_checkpoint_loading],
+    "recbole.model.sequential_recommender.s3rec": [_torch_checkpoint_loading],
+    "recbole.model.sequential_recommender.sine": [_autograd_anomaly_off],
+    **{name: [_sparse_tensors] + ([_dok_update] if name in DOK_UPDATE_MODULES else []) for name in SPARSE_TENSOR_MODULES},
+}
+PATCHES["recbole.trainer.trainer"] = PATCHES["recbole.trainer.trainer"] + [_torch_checkpoint_loading, _trainer_amp, _cpu_ddp]
+
+#: heavy packages that a RecBole module imports at module level but uses inside one rarely called function:
+#: module -> packages whose names it binds are imported on first use instead. ``recbole.quick_start`` does
+#: ``from ray import tune`` for ``objective_function``'s ``tune.report`` alone (~590 Ray modules, seconds in
+#: every process; RUCAIBox/RecBole PR #2187 asks for the same); the evaluator's metrics import
+#: ``sklearn.metrics`` (and through it scipy.stats) for the AUC, MAE and RMSE metrics alone; ``recbole.utils``
+#: imports TensorBoard (and protobuf) for the trainer's ``SummaryWriter`` alone.
+DEFERRED_IMPORTS = {
+    "recbole.quick_start.quick_start": ("ray",),
+    "recbole.evaluator.metrics": ("sklearn.metrics",),
+    "recbole.utils.utils": ("torch.utils.tensorboard",),
+}
+
+
+class _Deferred:
+    """A name that a RecBole module bound with ``from <package> import <name>``, imported on first use."""
+
+    def __init__(self, package: str, name: str):
+        object.__setattr__(self, "_where", (package, name))
+        object.__setattr__(self, "_target", None)
+
+    def _resolve(self):
+        if self._target is None:
+            package, name = self._where
+            try:  # a submodule (``ray.tune``) ...
+                target = importlib.import_module(f"{package}.{name}")
+            except ModuleNotFoundError as error:  # ... or a plain attribute (``sklearn.metrics.auc``)
+                if error.name != f"{package}.{name}":
+                    raise
+                target = getattr(importlib.import_module(package), name)
+            object.__setattr__(self, "_target", target)
+        return self._target
+
+    def __getattr__(self, attr):
+        return getattr(self._resolve(), attr)
+
+    def __call__(self, *args, **kwargs):
+        return self._resolve()(*args, **kwargs)
+
+    def __repr__(self):
+        return f"<deferred {'.'.join(self._where)}>"
+
+
+class _DeferredPackage(types.ModuleType):
+    """Stands in ``sys.modules`` for a package while one RecBole module is executed; every name taken from it
+    is a :class:`_Deferred`."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Deferred(self.__name__, name)
+
+
+class _HookedLoader(importlib.abc.Loader):
+    """The loader of a module named in :data:`PATCHES` or :data:`DEFERRED_IMPORTS`: executes it with its heavy
+    imports deferred, then applies its patches."""
+
+    def __init__(self, loader, name: str):
+        self._loader, self._name = loader, name
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        stubs = {p: _DeferredPackage(p) for p in DEFERRED_IMPORTS.get(self._name, ()) if p not in sys.modules}
+        sys.modules.update(stubs)
+        try:
+            self._loader.exec_module(module)
+        finally:
+            for package, stub in stubs.items():
+                if sys.modules.get(package) is stub:
+                    del sys.modules[package]
+        for patch in PATCHES.get(self._name, ()):
+            patch(module)
+
+    def __getattr__(self, attr):  # get_source, get_code, ... of the wrapped loader
+        return getattr(self._loader, attr)
+
+
+class _RecBoleImportHooks(importlib.abc.MetaPathFinder):
+    """Finds the RecBole modules we patch with the finders after it, and hooks their loaders. Written by hand:
+    the standard library has no post-import hook (PEP 369 was withdrawn) and ``importlib.util.LazyLoader``
+    cannot defer a name bound by ``from x import y``."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in PATCHES and fullname not in DEFERRED_IMPORTS:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and not isinstance(spec.loader, _HookedLoader):
+                    spec.loader = _HookedLoader(spec.loader, fullname)
+                return spec
+        return None
 
 
 def _pkg_resources_packaging() -> None:
@@ -184,12 +302,14 @@ def _pkg_resources_packaging() -> None:
     and torch 2.13 requires setuptools >= 77: point those names at the installed ``packaging``
     (upstream: ray-project/ray moved to plain ``packaging`` after 2.6).
     """
-    import sys
+    from importlib import metadata
 
     try:
+        if tuple(int(x) for x in metadata.version("ray").split(".")[:2]) > (2, 6):
+            return  # a current Ray imports plain ``packaging``
         import packaging.version
         import pkg_resources
-    except ImportError:
+    except (ImportError, ValueError):  # no Ray (or no setuptools): nothing to shim
         return
     if not hasattr(pkg_resources, "packaging"):
         pkg_resources.packaging = packaging
@@ -202,21 +322,6 @@ def _pkg_resources_packaging() -> None:
             sys.modules.setdefault("pkg_resources._vendor", vendor)
             sys.modules["pkg_resources._vendor.packaging"] = packaging
             sys.modules["pkg_resources._vendor.packaging.version"] = packaging.version
-
-
-def _autograd_anomaly_off() -> None:
-    """RecBole 1.2.1's ``sequential_recommender/sine.py`` runs ``torch.autograd.set_detect_anomaly(True)``
-    at import, and ``recbole.model.sequential_recommender`` imports it with every sequential model: every
-    RecBole training in the process then runs in PyTorch's debugging mode (NaN checks on every backward
-    op, 1.5-2x slower SASRec epochs measured here). Results are unchanged by turning it off; call
-    ``torch.autograd.set_detect_anomaly(True)`` yourself to debug.
-    """
-    import importlib
-
-    import torch
-
-    importlib.import_module("recbole.model.sequential_recommender.sine")
-    torch.autograd.set_detect_anomaly(False)
 
 
 TRIM_EVERY = 25  # optimizer steps
@@ -260,7 +365,8 @@ def _trim_malloc_heap() -> bool:
 
 
 def apply() -> None:
-    """Apply every shim once (idempotent)."""
+    """Apply every shim once (idempotent): the RecBole modules named in :data:`PATCHES` are patched as they
+    are imported (at once if they already are), so importing this package imports none of them itself."""
     global _APPLIED
     if _APPLIED:
         return
@@ -270,11 +376,10 @@ def apply() -> None:
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
     _numpy_aliases()
     _pkg_resources_packaging()
-    _torch_checkpoint_loading()
-    _autograd_anomaly_off()
-    _graph_models()
-    _trainer_amp()
-    _cpu_ddp()
-    _concurrent_ensure_dir()
+    for name, patches in PATCHES.items():
+        if name in sys.modules:
+            for patch in patches:
+                patch(sys.modules[name])
+    sys.meta_path.insert(0, _RecBoleImportHooks())
     _trim_malloc_heap()
     _APPLIED = True

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 import shutil
 
 import numpy as np
 import pytest
+import torch
 
 import recbole_llmfuse  # noqa: F401  (applies the compat shims first)
 from recbole_llmfuse.data import embedded_dataset_dir
@@ -100,3 +102,98 @@ def with_embeddings(small_data_path, tmp_path):
     vectors = np.random.default_rng(0).standard_normal((len(tokens), 32)).astype(np.float32)
     write_item_embeddings(str(root / SMALL), SMALL, tokens, vectors, formats=["npz"])
     return str(root)
+
+
+# -- a tiny world with sequential signal, and tiny random LLMs (tests of LLM code paths) -------------------
+TINY = "hdtiny"
+N_ITEMS, N_USERS = 40, 60
+
+
+def write_tiny_dataset(root):
+    """60 users walking the 40 items in steps of +1 or +3 (mod 40): sequential signal a model can learn."""
+    folder = os.path.join(root, TINY)
+    os.makedirs(folder, exist_ok=True)
+    rng = random.Random(0)
+    with open(os.path.join(folder, f"{TINY}.inter"), "w") as f:
+        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
+        for u in range(1, N_USERS + 1):
+            item, step = rng.randrange(N_ITEMS), rng.choice([1, 3])
+            for t in range(rng.randint(6, 14)):
+                f.write(f"u{u}\ti{item + 1}\t{1000 * u + t}\n")
+                item = (item + step) % N_ITEMS
+    with open(os.path.join(folder, f"{TINY}.item"), "w") as f:
+        f.write("item_id:token\ttitle:token_seq\tbrand:token\n")
+        for i in range(1, N_ITEMS + 1):
+            f.write(f"i{i}\twidget {i}\t{['acme', 'globex', ''][i % 3]}\n")
+    return root
+
+
+def write_tiny_llama(path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+    texts = [f"title: widget {i}, brand: acme globex" for i in range(1, N_ITEMS + 1)]
+    texts += ["Provide the next item's hidden state for each [SEQ]. User's history: ",
+              "Provide the item's hidden state for [ALIGN]. Item Description: "]
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>")
+    fast.save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    LlamaModel(cfg).save_pretrained(path)
+    return str(path)
+
+
+def tiny_causal_llama(path):
+    """A randomly initialised 2-layer LLaMA with MiniLM's tokenizer, saved as a local HF folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from recbole_llmfuse.dataset_prep.embed import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def popularity_hit(train_dataset, test_dataset, k: int = 10) -> float:
+    """hit@k of the popularity ranker on the same split: the ``k`` most frequent training items for every test
+    instance (RecBole's sequential evaluation does not mask history items, so neither does this)."""
+    iid = train_dataset.iid_field
+    top = torch.bincount(train_dataset.inter_feat[iid], minlength=train_dataset.item_num).argsort(descending=True)[:k]
+    return torch.isin(test_dataset.inter_feat[iid], top).float().mean().item()
+
+
+#: a config that learns the tiny world's walks in a few epochs (no dropout, small model)
+TINY_LEARN = {"load_col": {"inter": ["user_id", "item_id", "timestamp"]}, "MAX_ITEM_LIST_LENGTH": 5, "hidden_size": 16,
+              "inner_size": 32, "n_heads": 2, "train_batch_size": 64, "eval_batch_size": 256, "learning_rate": 0.005,
+              "hidden_dropout_prob": 0.0, "attn_dropout_prob": 0.0, "seed": 0, "show_progress": False,
+              "state": "WARNING", "epochs": 1, "stopping_step": 100}
+#: how much better than the popularity ranker (hit@10; ~0.33 on the tiny world) a model that learned must be
+LEARNS_MARGIN = 0.3
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """The tiny world's folder (``data_path``), shared: models that need text vectors make them (MiniLM) once."""
+    return write_tiny_dataset(str(tmp_path_factory.mktemp("tiny_world")))
+
+
+def fit_and_test(config, epochs: int):
+    """``epochs`` training epochs, then the test split: ``(model, trainer, losses, result, pop_hit)`` where
+    ``pop_hit`` is the popularity ranker's hit@10 on the same split."""
+    from recbole_llmfuse.quick_start import build, make_trainer
+
+    _, model, train_data, _, test_data = build(config)
+    trainer = make_trainer(config, model)
+    losses = [trainer._train_epoch(train_data, epoch, show_progress=False) for epoch in range(epochs)]
+    trainer.eval_collector.data_collect(train_data)  # training-split popularity (group metrics), as fit() does
+    result = trainer.evaluate(test_data, load_best_model=False)
+    return model, trainer, losses, result, popularity_hit(train_data.dataset, test_data.dataset)

@@ -97,3 +97,37 @@ def test_freed_heap_memory_goes_back_to_the_system_every_few_steps():
 
     assert growth("1") < 2.0  # MB
     assert growth("0") > 5.0  # glibc's own behaviour: the heap keeps the freed blocks
+
+
+LEAN_RUN_SCRIPT = """
+import sys
+import recbole_llmfuse
+after_import = sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'sklearn', 'transformers', 'matplotlib'})
+recbole_llmfuse.run_recbole('FastSASRec', 'ml-small', config_dict={
+    'data_path': sys.argv[1], 'load_col': {'inter': ['user_id', 'item_id', 'timestamp']}, 'epochs': 1,
+    'MAX_ITEM_LIST_LENGTH': 5, 'hidden_size': 16, 'train_batch_size': 2048, 'show_progress': False,
+    'state': 'WARNING'}, argv=[])
+after_run = sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'sklearn', 'transformers', 'matplotlib'})
+print(after_import, after_run)
+"""
+
+
+def test_import_and_a_training_run_load_no_ray_and_no_sklearn(small_data_path):
+    """Ray (Tune sweeps, Ray prep), scikit-learn (RecBole's AUC/MAE/RMSE), transformers and matplotlib are
+    imported where they are used, not by ``import recbole_llmfuse`` or a plain training run."""
+    out = subprocess.run([sys.executable, "-c", LEAN_RUN_SCRIPT, small_data_path], capture_output=True, text=True,
+                         timeout=300, cwd=os.getcwd())
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[] []"
+
+
+def test_deferred_recbole_imports_resolve_on_first_use():
+    """The names RecBole binds from Ray and scikit-learn at import still work when used."""
+    import recbole.evaluator.metrics as metrics
+    import recbole.quick_start.quick_start as recbole_quick_start
+
+    assert metrics.sk_auc(np.array([0.0, 1.0]), np.array([0.0, 1.0])) == 0.5
+    assert metrics.mean_squared_error([1.0, 2.0], [1.0, 4.0]) == 2.0
+    import ray.tune
+
+    assert recbole_quick_start.tune.report is ray.tune.report

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import types
 
 import numpy as np
@@ -16,52 +15,12 @@ from recbole_llmfuse import Config, checkpoint, load_data_and_model
 from recbole_llmfuse.model.hdrec import fuse
 from recbole_llmfuse.quick_start import build, execute, make_trainer
 
-TINY = "hdtiny"
-N_ITEMS, N_USERS = 40, 60
-
-
-def _write_tiny_dataset(root):
-    """60 users walking the 40 items in steps of +1 or +3 (mod 40): sequential signal a model can learn."""
-    folder = os.path.join(root, TINY)
-    os.makedirs(folder, exist_ok=True)
-    rng = random.Random(0)
-    with open(os.path.join(folder, f"{TINY}.inter"), "w") as f:
-        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
-        for u in range(1, N_USERS + 1):
-            item, step = rng.randrange(N_ITEMS), rng.choice([1, 3])
-            for t in range(rng.randint(6, 14)):
-                f.write(f"u{u}\ti{item + 1}\t{1000 * u + t}\n")
-                item = (item + step) % N_ITEMS
-    with open(os.path.join(folder, f"{TINY}.item"), "w") as f:
-        f.write("item_id:token\ttitle:token_seq\tbrand:token\n")
-        for i in range(1, N_ITEMS + 1):
-            f.write(f"i{i}\twidget {i}\t{['acme', 'globex', ''][i % 3]}\n")
-    return root
-
-
-def _write_tiny_llama(path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
-
-    texts = [f"title: widget {i}, brand: acme globex" for i in range(1, N_ITEMS + 1)]
-    texts += ["Provide the next item's hidden state for each [SEQ]. User's history: ",
-              "Provide the item's hidden state for [ALIGN]. Item Description: "]
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "</s>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>")
-    fast.save_pretrained(path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    LlamaModel(cfg).save_pretrained(path)
-    return str(path)
-
+from conftest import N_ITEMS, TINY, write_tiny_dataset, write_tiny_llama
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("hdrec")
-    return {"data": _write_tiny_dataset(str(root / "data")), "llm": _write_tiny_llama(root / "tiny-llama"),
+    return {"data": write_tiny_dataset(str(root / "data")), "llm": write_tiny_llama(root / "tiny-llama"),
             "root": str(root)}
 
 
@@ -76,8 +35,8 @@ def _config(tiny, **extra):
     return Config("HDRec", TINY, config_dict=cfg, argv=[])
 
 
-@pytest.fixture(scope="module")
-def built(tiny):
+@pytest.fixture
+def built(tiny):  # per test: tests below perturb adapters and settings
     return build(_config(tiny))
 
 
@@ -174,6 +133,62 @@ def test_adapters_differ_and_kl_goes_teacher_to_student(built):
     assert torch.allclose(kl, (p * (p.log() - q.log())).sum(-1).mean())  # KL(teacher ‖ student), batchmean
     kl.backward()
     assert teacher.grad is None and student.grad is not None  # the teacher is detached
+
+
+def _perturb_adapters(model, seed=0):
+    """LoRA B starts at zero (both adapters the identity, equal logits, KL 0): give each adapter its own B."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for adapter in ("text", "id"):
+            for n, p in _lora(model, adapter).items():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def _adapters_with_gradients(model, terms):
+    """Which adapters the step's summed loss sends gradients to."""
+    model.zero_grad(set_to_none=True)
+    sum(terms.values()).backward()
+    return {a for a in ("text", "id") if any(p.grad is not None and p.grad.abs().sum() > 0 for p in _lora(model, a).values())}
+
+
+def test_training_kl_is_teacher_to_student_with_the_teacher_detached(tiny):
+    """The ID step's KL term is KL(text teacher ‖ ID student) of the step's own logits, and only the ID adapter
+    learns from it: swapping the arguments of the call in training changes the value and removes the gradient."""
+    config = _config(tiny, kl_weight=1.0, alternations=2)
+    _, model, train_data, _, _ = build(config)
+    _perturb_adapters(model)
+    model.eval()  # no dropout: the step's forward equals a recomputation
+    inter = next(iter(train_data))
+    batch = model.batch_rows(inter)
+    model.batch_rows = lambda _: batch  # the step sees the same rows (align items are drawn per call)
+    histories, align, _ = batch
+    with torch.no_grad():
+        teacher = model.logits(model.rows(histories, align, "text"), "text")
+        student = model.logits(model.rows(histories, align, "id"), "id")
+    p, q = F.softmax(teacher, -1), F.softmax(student, -1)
+    expected = (p * (p.log() - q.log())).sum(-1).mean()
+    reverse = (q * (q.log() - p.log())).sum(-1).mean()
+    assert not torch.isclose(expected, reverse, rtol=1e-3)  # the test can tell the two directions apart
+    step, terms = next(model.train_steps(inter))
+    assert set(terms) == {"id_ce", "id_kl"}
+    torch.testing.assert_close(terms["id_kl"], expected, rtol=1e-4, atol=1e-6)
+    assert _adapters_with_gradients(model, {"kl": terms["id_kl"]}) == {"id"}
+
+
+@pytest.mark.parametrize("variant, steps", [
+    ({}, [({"id_ce", "id_kl"}, {"id"}), ({"text_ce", "text_kl"}, {"text"})]),  # alternating, KL both ways
+    ({"kl_weight": 0.0}, [({"id_ce"}, {"id"}), ({"text_ce"}, {"text"})]),  # no KL terms
+    ({"processes": ["text"]}, [({"text_ce"}, {"text"})]),  # the ID adapter never trains
+    ({"processes": ["id"]}, [({"id_ce"}, {"id"})]),
+    ({"dla": False}, [({"text_ce", "id_ce", "kl"}, {"text", "id"})]),  # one joint step: both adapters at once
+])
+def test_each_ablation_switch_changes_what_trains(tiny, variant, steps):
+    config = _config(tiny, alternations=2, **{"kl_weight": 0.5, **variant})
+    _, model, train_data, _, _ = build(config)
+    _perturb_adapters(model)
+    seen = [(set(terms), _adapters_with_gradients(model, terms)) for _, terms in model.train_steps(next(iter(train_data)))]
+    assert seen == steps
 
 
 def test_alternating_steps_isolate_adapters(tiny):

@@ -18,14 +18,18 @@ import pytest
 
 from recbole_llmfuse import Config, create_dataset
 from recbole_llmfuse.dataset_prep import hooks
+from recbole_llmfuse.dataset_prep import embed
 from recbole_llmfuse.dataset_prep.embed import ItemTextEmbeddingHook
+from recbole_llmfuse.dataset_prep.item_text import build_item_texts
 from recbole_llmfuse.dataset_prep.hooks import (HookConflictError, PrepHook, PrepRequiredError, RecordCache,
                                                 TrainingSplit, atomic_write_text, ensure)
 from recbole_llmfuse.quick_start import build
 
+import stub_encoder
 from conftest import SMALL
 
 BIN = os.path.dirname(sys.executable)
+TESTS = os.path.dirname(os.path.abspath(__file__))
 LOAD_COL = {"inter": ["user_id", "item_id", "timestamp"]}
 
 
@@ -37,28 +41,46 @@ def _leftovers(folder):
     return glob.glob(os.path.join(folder, f".{SMALL}.itememb.parts-*")) + glob.glob(os.path.join(folder, "*.pending"))
 
 
-@pytest.mark.integration
-def test_two_runs_at_once_encode_once(folder):
-    """Two processes start a model that needs missing embeddings at the same moment: both succeed, the
-    encoder runs once (the other waits on the lock, then finds the file fresh), no parts folder is left."""
-    script = textwrap.dedent(f"""
-        import json, sys
-        import recbole_llmfuse
+def _stub_process(script: str, env: dict) -> subprocess.Popen:
+    """``script`` in a fresh interpreter with the stub encoder registered."""
+    prelude = f"import sys; sys.path.insert(0, {TESTS!r}); import stub_encoder; stub_encoder.install()\n"
+    return subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+
+
+def test_two_runs_at_once_encode_once(folder, tmp_path):
+    """Two processes start a model that needs missing embeddings at the same moment (a barrier: both are past
+    their imports before either asks for the table): both succeed, the encoder runs in one process only and once
+    per item, the other waited for it (it asked while the encoding was under way), no parts folder is left."""
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    script = f"""
+        import json, os, time
         from recbole_llmfuse import Config, create_dataset
         from recbole_llmfuse.dataset_prep import hooks
         config = Config("MoRec", "{SMALL}", config_dict={{"data_path": {os.path.dirname(folder)!r},
-                        "load_col": {LOAD_COL!r}, "item_text_embedding": {{"device": "cpu"}}}}, argv=[])
+                        "load_col": {LOAD_COL!r}, "item_text_embedding": {{"backend": "stub", "batch_size": 100}}}}, argv=[])
+        open(os.path.join({str(barrier)!r}, str(os.getpid())), "w").close()
+        while len(os.listdir({str(barrier)!r})) < 2:
+            time.sleep(0.01)
+        asked = time.time()
         ran = hooks.ensure(config, ["item_text_embedding"])
         table = create_dataset(config).item_embedding_table()
-        print(json.dumps({{"ran": ran, "shape": list(table.shape)}}))
-    """)
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+        print(json.dumps({{"ran": ran, "asked": asked, "pid": os.getpid(), "table": table.tolist()}}))
+    """
+    log = str(tmp_path / "calls.log")
+    procs = [_stub_process(script, {"STUB_ENCODER_DELAY": "0.2", "STUB_ENCODER_LOG": log}) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     results = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
     assert sorted(len(r["ran"]) for r in results) == [0, 1]
-    assert all(r["shape"][1] == 384 for r in results)
+    calls = stub_encoder.calls(log)
+    n_items = len(results[0]["table"]) - 1  # row 0 is padding
+    assert {pid for pid, _, _ in calls} == {next(r["pid"] for r in results if r["ran"])}  # one process encoded
+    assert sum(n for _, n, _ in calls) == n_items  # every item once
+    waiter = next(r for r in results if not r["ran"])
+    assert waiter["asked"] < max(t for _, _, t in calls)  # it asked before the encoding was done: they overlapped
+    assert results[0]["table"] == results[1]["table"]
     assert not _leftovers(folder)
 
 
@@ -90,26 +112,33 @@ def test_users_custom_embedding_is_never_overwritten(folder):
     assert _sha(npz) == digest
 
 
-@pytest.mark.integration
-def test_killed_shard_200_run_then_default_run_recovers(folder):
+def test_killed_shard_200_run_then_default_run_recovers(folder, monkeypatch):
     """A `prep embed shard_size=200` killed after its first part file; the model's default run then embeds
-    (parts keyed by shard size never mix), writes the manifest and leaves no parts folder or marker."""
-    cmd = [os.path.join(BIN, "recbole-llmfuse"), "prep", "embed", "--dataset", SMALL, "--data_path",
-           os.path.dirname(folder), "shard_size=200", "batch_size=1", "device=cpu"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (parts keyed by shard size never mix), writes the manifest, leaves no parts folder or marker, and its table
+    equals a clean encoding of every item."""
+    script = f"""
+        from recbole_llmfuse import cli
+        cli.main(["prep", "embed", "--dataset", "{SMALL}", "--data_path", {os.path.dirname(folder)!r},
+                  "backend=stub", "shard_size=200", "batch_size=20"])
+    """
+    proc = _stub_process(script, {"STUB_ENCODER_DELAY": "0.1"})
     deadline = time.time() + 300
     while time.time() < deadline and not glob.glob(os.path.join(folder, f".{SMALL}.itememb.parts-*", "part-*.npz")):
-        time.sleep(0.1)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     assert glob.glob(os.path.join(folder, f".{SMALL}.itememb.parts-*", "part-*.npz")), "the run finished before the kill"
     assert os.path.exists(os.path.join(folder, f"{SMALL}.itememb.npz.pending"))
     assert not os.path.exists(os.path.join(folder, f"{SMALL}.itememb.npz"))
-    cfg = {"data_path": os.path.dirname(folder), "load_col": LOAD_COL, "item_text_embedding": {"device": "cpu"}}
-    table = create_dataset(Config("MoRec", SMALL, config_dict=cfg, argv=[])).item_embedding_table()
-    assert table.shape[1] == 384
-    assert ItemTextEmbeddingHook(folder, SMALL, {"device": "cpu"}).status() == "fresh"
+    monkeypatch.setitem(embed.BACKENDS, "stub", (stub_encoder.StubEncoder, {}))  # in this process, for this test
+    cfg = {"data_path": os.path.dirname(folder), "load_col": LOAD_COL, "item_text_embedding": {"backend": "stub"}}
+    dataset = create_dataset(Config("MoRec", SMALL, config_dict=cfg, argv=[]))
+    table = dataset.item_embedding_table()
+    assert ItemTextEmbeddingHook(folder, SMALL, {"backend": "stub"}).status() == "fresh"
     assert not _leftovers(folder)
+    texts = dict(zip(*(lambda items: (items.tokens, items.texts))(build_item_texts(folder, SMALL))))
+    clean = np.stack([stub_encoder.vector(texts[dataset.id2token(dataset.iid_field, i)]) for i in range(1, dataset.item_num)])
+    np.testing.assert_allclose(table[1:], clean, atol=1e-6)
 
 
 def test_failed_run_leaves_no_empty_parts_folder_and_force_starts_clean(folder, monkeypatch):

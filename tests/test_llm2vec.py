@@ -15,15 +15,14 @@ from recbole_llmfuse.dataset_prep.embed import make_encoder
 from recbole_llmfuse.dataset_prep.encoder_lora import cooccurrence_pairs, in_batch_infonce
 from recbole_llmfuse.dataset_prep.item_text import build_item_texts
 
-from conftest import SMALL, small_config
-from test_prep import _tiny_llama
+from conftest import SMALL, small_config, tiny_causal_llama
 
 TEXTS = ["the cat sat on the mat", "a dog", "movie title : toy story ; release year : 1995 ; class : animation"]
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    return _tiny_llama(tmp_path_factory.mktemp("llm2vec") / "tiny-llama")
+    return tiny_causal_llama(tmp_path_factory.mktemp("llm2vec") / "tiny-llama")
 
 
 def _encoder(llama, **params):

@@ -15,7 +15,7 @@ from recbole_llmfuse.dataset_prep.embed import ItemTextEmbeddingHook, resolve_mo
 from recbole_llmfuse.dataset_prep.hooks import PrepError
 from recbole_llmfuse.dataset_prep.item_text import build_item_texts
 
-from conftest import SMALL
+from conftest import SMALL, tiny_causal_llama
 
 
 def _minilm():
@@ -110,27 +110,13 @@ def test_shards_then_merge_equal_single_run(folder, tmp_path):
     np.testing.assert_allclose(a["embedding"], b["embedding"], atol=1e-5)
 
 
-def _tiny_llama(path):
-    """A randomly initialised 2-layer LLaMA with MiniLM's tokenizer, saved as a local HF folder."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 @pytest.mark.integration
 @pytest.mark.parametrize("pooling", ["mean", "last"])
 def test_hf_backend_on_a_tiny_llama(folder, tmp_path, pooling):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    model_dir = _tiny_llama(tmp_path / "tiny-llama")
+    model_dir = tiny_causal_llama(tmp_path / "tiny-llama")
     params = {"backend": "hf", "model": model_dir, "pooling": pooling, "batch_size": 32, "formats": ["npz"]}
     report = ItemTextEmbeddingHook(folder, SMALL, params).run(progress=False)
     assert report["dim"] == 32

@@ -61,9 +61,9 @@ def test_hf_backend_equals_plain_generate(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from test_prep import _tiny_llama
+    from conftest import tiny_causal_llama
 
-    path = _tiny_llama(tmp_path / "tiny")
+    path = tiny_causal_llama(tmp_path / "tiny")
     prompts = ["user likes comedy and drama", "a short one", "items toy story heat casino and more words here"]
     backend = make_generator("hf", model=path, batch_size=8, chat_template=False, progress=False, device="cpu")
     texts = backend.generate([{"prompt": p, "fields": {}} for p in prompts], {"max_new_tokens": 6})
@@ -83,7 +83,7 @@ def _profiles(root, **params):
     from recbole_llmfuse import Config
     from recbole_llmfuse.dataset_prep import hooks
 
-    from test_hdrec import TINY
+    from conftest import TINY
 
     base = {"backend": "template", "template_item": "{item}", "template_user_refine": "A viewer.", "max_rounds": 5}
     config = Config("FastSASRec", TINY, config_dict={"data_path": root, "pte_profiles": {**base, **params},
@@ -96,9 +96,9 @@ def _profiles(root, **params):
 def test_profile_rounds_stop_on_convergence_and_on_the_cap(tmp_path):
     import json
 
-    from test_hdrec import _write_tiny_dataset
+    from conftest import write_tiny_dataset
 
-    root = _write_tiny_dataset(str(tmp_path / "d"))
+    root = write_tiny_dataset(str(tmp_path / "d"))
     hook = _profiles(root)
     report = hook.produce(progress=False)
     # round 1 rewrites every user ("A viewer."), round 2 changes nothing: converged before max_rounds = 5

@@ -19,7 +19,7 @@ from recbole_llmfuse.dataset_prep.profiles import snapshot_lengths, snapshot_slo
 from recbole_llmfuse.model.base import uniform_negatives
 from recbole_llmfuse.model.pte import whitening
 
-from test_hdrec import TINY, _write_tiny_dataset
+from conftest import TINY, write_tiny_dataset
 
 
 def test_infonce_negatives_are_uniform_and_never_the_target():
@@ -78,7 +78,7 @@ def test_cold_start_protocol_every_prefix_of_held_out_users_and_leakage_safe_sna
     from recbole_llmfuse.dataset_prep.hooks import make_hook
     from recbole_llmfuse.dataset_prep.itememb import read_table
 
-    root = _write_tiny_dataset(str(tmp_path / "d"))
+    root = write_tiny_dataset(str(tmp_path / "d"))
     config = _cold_config(root)
     dataset = create_dataset(config)
     train, valid, test = dataset.build()
@@ -139,7 +139,7 @@ USER_ONLY = {"item_mode": "text_only", "pte_profiles": {"backend": "template", "
 def test_pte_and_llminit_beat_popularity(tmp_path, model, protocol, variant):
     """On the tiny walks (+1 or +3 steps) the models learn the sequential signal; popularity cannot. USER_ONLY:
     the "User-only Profiling" ablation (no item profiles: an empty item-profile table)."""
-    root = _write_tiny_dataset(str(tmp_path / "d"))
+    root = write_tiny_dataset(str(tmp_path / "d"))
     extra = {"eval_protocol": protocol, "learning_rate": 0.005, "seed": 0, "hidden_dropout_prob": 0.0,
              "attn_dropout_prob": 0.0, "eval_batch_size": 256, **variant}
     net, result, train, test = _fit(_cold_config(root, model=model, **extra), epochs=12)
@@ -228,7 +228,7 @@ def test_openai_backend_retries_runs_concurrently_and_reports_errors(served):
 def test_profiles_hook_through_a_served_llm_then_cached(tmp_path, served):
     from recbole_llmfuse.dataset_prep.hooks import make_hook
 
-    root = _write_tiny_dataset(str(tmp_path / "d"))
+    root = write_tiny_dataset(str(tmp_path / "d"))
     config = Config("FastSASRec", TINY, config_dict={
         "data_path": root, "load_col": {"inter": ["user_id", "item_id", "timestamp"]}, "state": "WARNING",
         "pte_profiles": {"backend": "openai", "model": "served-llm", "base_url": served, "max_rounds": 0,

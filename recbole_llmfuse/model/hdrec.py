@@ -131,6 +131,7 @@ class HDRec(SequentialBase):
         if self.lora_mode == "dual" and not self.early_fusion:
             self.llm.add_adapter("id", lora)
             self.adapter_of["id"] = "id"
+        self._adapter_params = [p for name, p in self.llm.named_parameters() if ".lora_" in name]
         if config["train_norms"]:  # the released code trains the decoder's RMSNorms (spec §4.1); the paper does not
             for name, p in self.llm.named_parameters():
                 if "norm" in name:
@@ -231,6 +232,11 @@ class HDRec(SequentialBase):
             if where.any():
                 emb[where] = special[row].to(emb.dtype).expand(int(where.sum()), -1)
         self.llm.set_adapter(adapter)
+        # PEFT's set_adapter also freezes every other adapter (requires_grad False), which cuts an adapter out of
+        # a graph built before the call: the joint "w/o DLA" step runs both processes before one backward, and its
+        # text adapter got no gradient. Which adapter trains is decided by each step's loss, so all stay trainable.
+        for p in self._adapter_params:
+            p.requires_grad_(True)
         states = self.llm(inputs_embeds=emb, attention_mask=mask).last_hidden_state
         self._tokens += int(mask.sum())
         b = torch.tensor([i for i, q in enumerate(queries) for _ in q], device=device)
