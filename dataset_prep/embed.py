@@ -374,25 +374,26 @@ class ItemTextEmbeddingHook(PrepHook):
         bar.close()
         return time.perf_counter() - start
 
-    def _init_ray(self):
-        """``(ray, gpus per actor)``: joins ``ray_address`` or starts a local Ray with ``ray_workers`` CPUs."""
-        import ray
+    def _ray(self):
+        """Joins ``ray_address`` or starts a local Ray with ``ray_workers`` CPUs, for the encoding only."""
+        from recbole_llmfuse.tune import ray_session
 
-        from recbole_llmfuse.tune import init_ray
+        return ray_session(self.params["ray_address"], int(self.params["ray_workers"]))
 
-        init_ray(self.params["ray_address"], int(self.params["ray_workers"]))
-        return ray, 1 if str(self.params.get("device") or "").startswith("cuda") else 0
+    @property
+    def _gpus_per_actor(self) -> int:
+        return 1 if str(self.params.get("device") or "").startswith("cuda") else 0
 
     def _encode_with_ray(self, items, todo, size, part):
         """Shards spread over ``ray_workers`` actors (one model replica each, 1 GPU each on CUDA)."""
         from ray.util import ActorPool
 
-        ray, gpus = self._init_ray()
-        worker = ray.remote(num_cpus=1, num_gpus=gpus)(_ShardWorker)
-        pool = ActorPool([worker.remote(self.encoder_params()) for _ in range(int(self.params["ray_workers"]))])
-        jobs = [(items.texts[k * size:(k + 1) * size], part(k)) for k in todo]
-        for _ in pool.map_unordered(lambda actor, job: actor.encode_shard.remote(*job), jobs):
-            pass
+        with self._ray() as ray:
+            worker = ray.remote(num_cpus=1, num_gpus=self._gpus_per_actor)(_ShardWorker)
+            pool = ActorPool([worker.remote(self.encoder_params()) for _ in range(int(self.params["ray_workers"]))])
+            jobs = [(items.texts[k * size:(k + 1) * size], part(k)) for k in todo]
+            for _ in pool.map_unordered(lambda actor, job: actor.encode_shard.remote(*job), jobs):
+                pass
 
     def _encode_with_ray_data(self, items, todo, size, part):
         """The shards' items as a Ray Dataset, ``map_batches`` over ``ray_workers`` encoder actors; batches
@@ -405,20 +406,20 @@ class ItemTextEmbeddingHook(PrepHook):
             raise PrepError(f"{self.name}: ray_engine=data needs Ray >= {'.'.join(map(str, RAY_DATA_MIN))}, found "
                             f"{ray_module.__version__} (recbole pins ray<=2.6.3): install with scripts/setup_env.sh, "
                             f"which lifts that pin (scripts/overrides.txt), or use ray_engine=actors")
-        ray, gpus = self._init_ray()
         rows = [{"row": i, "text": items.texts[i]} for k in todo for i in range(k * size, min((k + 1) * size, len(items.texts)))]
         workers = int(self.params["ray_workers"])
-        batches = ray.data.from_items(rows, override_num_blocks=max(workers, len(rows) // int(self.params["batch_size"]) or 1)).map_batches(
-            _BatchEncoder, fn_constructor_kwargs={"params": self.encoder_params()}, batch_size=int(self.params["batch_size"]),
-            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, num_gpus=gpus)
-        pending = {k: {} for k in todo}  # shard -> {row: vector}
-        for batch in batches.iter_batches(batch_format="numpy", batch_size=None):
-            for row, vector in zip(batch["row"].tolist(), batch["embedding"]):
-                k = row // size
-                pending[k][row] = vector
-                if len(pending[k]) == min(size, len(items.texts) - k * size):
-                    shard = pending.pop(k)
-                    _save_part(part(k), np.stack([shard[r] for r in sorted(shard)]))
+        with self._ray() as ray:
+            batches = ray.data.from_items(rows, override_num_blocks=max(workers, len(rows) // int(self.params["batch_size"]) or 1)).map_batches(
+                _BatchEncoder, fn_constructor_kwargs={"params": self.encoder_params()}, batch_size=int(self.params["batch_size"]),
+                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, num_gpus=self._gpus_per_actor)
+            pending = {k: {} for k in todo}  # shard -> {row: vector}
+            for batch in batches.iter_batches(batch_format="numpy", batch_size=None):
+                for row, vector in zip(batch["row"].tolist(), batch["embedding"]):
+                    k = row // size
+                    pending[k][row] = vector
+                    if len(pending[k]) == min(size, len(items.texts) - k * size):
+                        shard = pending.pop(k)
+                        _save_part(part(k), np.stack([shard[r] for r in sorted(shard)]))
 
 
 def _save_part(path: str, vectors: np.ndarray) -> None:

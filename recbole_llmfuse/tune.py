@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import csv
 import math
 import os
@@ -145,16 +146,25 @@ class TuneReporter:
                              "valid_score": float(trainer.best_valid_score), "epoch": self.reports, "fit_done": 1})
 
 
-def init_ray(address: Optional[str], num_cpus: Optional[int], **kwargs) -> None:
-    """Joins the cluster at ``address`` (``auto``, ``HOST:PORT``, ``ray://HOST:10001``), or starts a private
-    local Ray with ``num_cpus`` when ``address`` is empty; nothing when Ray is already initialised here.
-    ``"local"``, not ``None``: without an address Ray joins whatever ``ray start`` last recorded on this machine
-    (``/tmp/ray/ray_current_cluster``, left behind even when that head is gone) and then refuses ``num_cpus``."""
+@contextlib.contextmanager
+def ray_session(address: Optional[str], num_cpus: Optional[int], **kwargs):
+    """Ray for one piece of work: joins the cluster at ``address`` (``auto``, ``HOST:PORT``, ``ray://HOST:10001``),
+    or starts a private local Ray with ``num_cpus`` when ``address`` is empty; uses the Ray already initialised in
+    this process, if any. What it started it shuts down at the end, so the next sweep or prep run gets a Ray with
+    its own settings instead of inheriting these. ``"local"``, not ``None``: without an address Ray joins whatever
+    ``ray start`` last recorded on this machine (``/tmp/ray/ray_current_cluster``, left behind even when that head
+    is gone) and then refuses ``num_cpus``."""
     import ray
 
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         ray.init(address=address or "local", num_cpus=None if address else num_cpus, include_dashboard=False,
                  log_to_driver=False, **kwargs)
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def ray_api():
@@ -225,7 +235,6 @@ def run_tune(model: str, dataset: str, space_file: str, out: str, config_files: 
     else:
         raise ConfigError(f"--scheduler {scheduler}: use asha or fifo")
     _, run_config, failure_config = ray_api()
-    init_ray(address, num_cpus, runtime_env={"worker_process_setup_hook": worker_setup})
     setup = {"model": model, "dataset": dataset, "config_files": config_files, "overrides": overrides, "fixed": fixed}
     trainable = tune.with_resources(tune.with_parameters(train_trial, setup=setup),
                                     {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
@@ -237,10 +246,11 @@ def run_tune(model: str, dataset: str, space_file: str, out: str, config_files: 
         run_config=run_config(name="trials", storage_path=out, verbose=1,
                               failure_config=failure_config(max_failures=0, fail_fast=False)),
     )
-    start = time.perf_counter()
-    grid = tuner.fit()
-    wall = time.perf_counter() - start
-    return summarize(grid, space, metric, max_t, out, model, dataset, config_files, overrides, fixed, wall)
+    with ray_session(address, num_cpus, runtime_env={"worker_process_setup_hook": worker_setup}):
+        start = time.perf_counter()
+        grid = tuner.fit()
+        wall = time.perf_counter() - start
+        return summarize(grid, space, metric, max_t, out, model, dataset, config_files, overrides, fixed, wall)
 
 
 def summarize(grid, space, metric, max_t, out, model, dataset, config_files, overrides, fixed, wall) -> dict:
@@ -254,8 +264,9 @@ def summarize(grid, space, metric, max_t, out, model, dataset, config_files, ove
         finished = df is not None and "fit_done" in df.columns and bool((df["fit_done"] == 1).any())
         if result.error is not None:
             status = "failed"
-        elif not finished:
+        elif not finished and epochs < max_t:
             status = "stopped"  # by the scheduler (ASHA), before RecBole's own end or early stopping
+            # (ASHA also ends a trial that reached max_t, before its last report: that one ran to the end)
         else:
             status = "completed"
         name = os.path.basename(str(result.path)) if getattr(result, "path", None) else f"trial_{i}"

@@ -197,3 +197,13 @@ def fit_and_test(config, epochs: int):
     trainer.eval_collector.data_collect(train_data)  # training-split popularity (group metrics), as fit() does
     result = trainer.evaluate(test_data, load_best_model=False)
     return model, trainer, losses, result, popularity_hit(train_data.dataset, test_data.dataset)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray (2 CPUs) for every test that needs one, started with the settings ``recbole-llmfuse tune`` uses;
+    sweeps and Ray prep runs use it instead of starting (and stopping) their own."""
+    from recbole_llmfuse.tune import ray_session, worker_setup
+
+    with ray_session(None, 2, runtime_env={"worker_process_setup_hook": worker_setup}) as ray:
+        yield ray

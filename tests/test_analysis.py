@@ -51,7 +51,6 @@ def test_unrelated_spaces_are_near_zero_and_a_perturbation_in_between():
     assert kendall_by_bucket(table, wide, src, tgt, bucket)["overall"][0] == pytest.approx(1.0)
 
 
-@pytest.mark.integration
 def test_analyze_command_writes_table_and_plot(small_cfg, with_embeddings, tmp_path, capsys):
     config = Config("MoRec", SMALL, config_dict=small_cfg(data_path=with_embeddings), argv=[])
     _, model, train_data, valid_data, _ = build(config)

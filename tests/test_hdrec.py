@@ -81,7 +81,7 @@ def test_rows_targets_and_query_positions(built):
     assert [len(q) for q in q_text] == [len(q) for q in q_id]
     seq, n, pos = inter[model.ITEM_SEQ][0].tolist(), int(inter[model.ITEM_SEQ_LEN][0]), int(inter[model.POS_ITEM_ID][0])
     assert (y[:n] + 1).tolist() == seq[1:n] + [pos]  # k-th [SEQ] -> item k+1, the last -> the row's target
-    assert (y[-len(align):] + 1).tolist() == align if align else True
+    assert align and (y[-len(align):] + 1).tolist() == align  # the alignment rows' targets close the batch
     # the prompt spells "[SEQ]" itself: no query position falls inside it
     assert "[SEQ]" in model.prompt_seq_text
     assert all(min(q) >= len(model.prompt_seq) for q in q_text if q)

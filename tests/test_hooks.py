@@ -84,7 +84,6 @@ def test_two_runs_at_once_encode_once(folder, tmp_path):
     assert not _leftovers(folder)
 
 
-@pytest.mark.integration
 def test_users_custom_embedding_is_never_overwritten(folder):
     """`prep embed "item_text_template=Movie {movie_title}"`, then a model with the default template: the run
     stops naming both settings and the ways out; the file is untouched; prep_stale=use takes it as it is."""

@@ -154,7 +154,6 @@ def _clustered_dataset(root):
     return {f"i{i}": c for i, c in enumerate(cluster)}
 
 
-@pytest.mark.integration
 def test_item_encoder_lora_learns_cooccurrence_from_the_training_split_and_feeds_a_model(tmp_path):
     cluster = _clustered_dataset(str(tmp_path / "data"))
     params = {"device": "cpu", "epochs": 2, "train_batch_size": 16, "formats": ["npz"], "item_text_template": "{title}"}

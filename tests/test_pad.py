@@ -162,7 +162,6 @@ def test_three_phases_two_epochs_each_hand_off_and_learn(tiny_world):
         assert torch.allclose(reloaded.full_sort_predict(batch), before, atol=1e-5)
 
 
-@pytest.mark.integration
 def test_single_phase_resumes_from_a_fastsasrec_checkpoint(small_cfg, with_embeddings):
     """train_stages: [align] + pretrained_checkpoint: a FastSASRec run becomes PAD's phase-1 ID expert."""
     cfg = _pad_cfg(small_cfg, with_embeddings, loss_type="BCE", hidden_dropout_prob=0.1)

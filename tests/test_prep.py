@@ -44,7 +44,6 @@ def test_template_and_fallback(folder):
         build_item_texts(folder, SMALL, template="{brand}")
 
 
-@pytest.mark.integration
 def test_embedding_rows_match_reencoding_and_cache(folder):
     hook = ItemTextEmbeddingHook(folder, SMALL, {"device": "cpu"})
     assert hook.status() == "missing"
@@ -70,7 +69,6 @@ def test_embedding_rows_match_reencoding_and_cache(folder):
     assert manifest["fingerprint"]["params"]["item_text_template"] == "{movie_title}"
 
 
-@pytest.mark.integration
 def test_interrupted_run_resumes_from_finished_shards(folder, monkeypatch):
     from recbole_llmfuse.dataset_prep import embed
 
@@ -96,7 +94,6 @@ def test_interrupted_run_resumes_from_finished_shards(folder, monkeypatch):
     assert not os.path.exists(hook.parts_dir)
 
 
-@pytest.mark.integration
 def test_shards_then_merge_equal_single_run(folder, tmp_path):
     other = tmp_path / "single" / SMALL
     shutil.copytree(folder, other)
@@ -110,7 +107,6 @@ def test_shards_then_merge_equal_single_run(folder, tmp_path):
     np.testing.assert_allclose(a["embedding"], b["embedding"], atol=1e-5)
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("pooling", ["mean", "last"])
 def test_hf_backend_on_a_tiny_llama(folder, tmp_path, pooling):
     import torch
@@ -146,24 +142,19 @@ def test_hf_backend_on_smollm2_gguf(folder):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("engine", ["actors", "data"])
-def test_ray_path_with_two_workers_matches_local(folder, tmp_path, engine):
+def test_ray_path_with_two_workers_matches_local(folder, tmp_path, engine, local_ray):
     """Ray's actor pool and Ray Data (map_batches) give the local run's table, row for row; with shards of
     100 items the 2 workers write several part files, whose rows must land in RecBole's item order."""
-    ray = pytest.importorskip("ray")
     local = tmp_path / "local" / SMALL
     shutil.copytree(folder, local)
     ItemTextEmbeddingHook(str(local), SMALL, {"device": "cpu", "formats": ["npz"]}).run(progress=False)
-    try:
-        report = ItemTextEmbeddingHook(folder, SMALL, {"device": "cpu", "formats": ["npz"], "ray_workers": 2,
-                                                       "ray_engine": engine, "shard_size": 100, "batch_size": 16}).run(progress=False)
-    finally:
-        ray.shutdown()
+    report = ItemTextEmbeddingHook(folder, SMALL, {"device": "cpu", "formats": ["npz"], "ray_workers": 2,
+                                                   "ray_engine": engine, "shard_size": 100, "batch_size": 16}).run(progress=False)
     assert report["merged"] and report["shards_computed"] > 2
     a, b = np.load(os.path.join(folder, f"{SMALL}.itememb.npz")), np.load(os.path.join(local, f"{SMALL}.itememb.npz"))
     np.testing.assert_allclose(a["embedding"], b["embedding"], atol=1e-5)
 
 
-@pytest.mark.integration
 def test_model_runs_missing_hook_automatically_and_leaves_user_files(folder):
     data_path = os.path.dirname(folder)
     cfg = {"data_path": data_path, "load_col": {"inter": ["user_id", "item_id", "timestamp"]},

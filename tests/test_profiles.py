@@ -92,7 +92,6 @@ def _profiles(root, **params):
     return hooks.make_hook("pte_profiles", config)
 
 
-@pytest.mark.integration
 def test_profile_rounds_stop_on_convergence_and_on_the_cap(tmp_path):
     import json
 

@@ -72,7 +72,6 @@ def _cold_config(root, model="PtE", **extra):
     return Config(model, TINY, config_dict=cfg, argv=[])
 
 
-@pytest.mark.integration
 def test_cold_start_protocol_every_prefix_of_held_out_users_and_leakage_safe_snapshots(tmp_path):
     from recbole_llmfuse.data import create_dataset
     from recbole_llmfuse.dataset_prep.hooks import make_hook
@@ -133,7 +132,6 @@ def _fit(config, epochs):
 USER_ONLY = {"item_mode": "text_only", "pte_profiles": {"backend": "template", "item_profiles": False, "max_rounds": 0}}
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("model, protocol, variant", [("PtE", "recbole", {}), ("PtE", "cold_start_user", {}),
                                                       ("PtE", "recbole", USER_ONLY), ("LLMInit", "recbole", {})])
 def test_pte_and_llminit_beat_popularity(tmp_path, model, protocol, variant):
@@ -224,7 +222,6 @@ def test_openai_backend_retries_runs_concurrently_and_reports_errors(served):
         closed.generate(requests[:1], {})
 
 
-@pytest.mark.integration
 def test_profiles_hook_through_a_served_llm_then_cached(tmp_path, served):
     from recbole_llmfuse.dataset_prep.hooks import make_hook
 

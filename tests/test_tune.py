@@ -12,7 +12,7 @@ from recbole_llmfuse import run_recbole
 from recbole_llmfuse.config import ConfigError
 from recbole_llmfuse.tune import parse_space, run_tune
 
-from conftest import SMALL
+from conftest import SMALL, TINY, TINY_LEARN
 
 SMALL_MODEL = ["--MAX_ITEM_LIST_LENGTH=10", "--hidden_size=16", "--inner_size=32", "--n_heads=2",
                "--valid_metric=NDCG@10", "--stopping_step=10", "--train_batch_size=1024", "--eval_batch_size=4096"]
@@ -20,15 +20,6 @@ SMALL_MODEL = ["--MAX_ITEM_LIST_LENGTH=10", "--hidden_size=16", "--inner_size=32
 
 def _small_data(path):
     return [f"--data_path={path}", "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}"]
-
-
-def _sweep(tmp_path, name, space_text, model, data_path, extra, model_args=SMALL_MODEL, **options):
-    """One sweep on the 300-user slice of ml-100k with a local 2-CPU Ray; returns (result, out folder)."""
-    space = tmp_path / f"{name}.yaml"
-    space.write_text(space_text)
-    out = tmp_path / name
-    return run_tune(model, SMALL, str(space), str(out), [], list(model_args) + _small_data(data_path) + extra,
-                    num_cpus=2, **options), out
 
 
 def test_space_files_yaml_and_recbole_hyperopt_format(tmp_path):
@@ -70,41 +61,30 @@ def test_shipped_example_spaces_parse_and_convert():
     assert 0.0 in parse_space(os.path.join(root, "FAERec.yaml"))["align_alpha"]["choice"]
 
 
-@pytest.mark.integration
-def test_two_trials_report_every_epoch_and_best_yaml_reproduces(small_data_path, tmp_path):
-    """RecBole's own SASRec (a plugin-free model works too) on the 300-user slice of ml-100k."""
-    result, out = _sweep(tmp_path, "sweep", "learning_rate: {grid_search: [0.001, 0.004]}\n", "SASRec",
-                         small_data_path, ["--epochs=2", "--seed=7"], scheduler="fifo", metric="ndcg@10")
-    rows = result["rows"]
-    assert len(rows) == 2 and all(r["status"] == "completed" and r["epochs"] == 2 for r in rows)
-    for r in rows:  # one report per epoch, from inside the training loop
-        with open(f"{r['log_dir']}/progress.csv") as f:
-            epochs = [int(float(x["epoch"])) for x in csv.DictReader(f) if x["fit_done"] in ("0", "0.0")]
-        assert epochs == [1, 2]
+def test_one_sweep_reports_every_epoch_asha_cuts_a_bad_trial_and_a_failing_trial_fails_alone(tiny_world, tmp_path, local_ray):
+    """Three trials, one at a time in grid order on the tiny world: a good learning rate (completes, one report per
+    epoch, its best.yaml reproduces its score), one that learns nothing (ASHA stops it at a rung, against the good
+    trial's score there) and an invalid one (the trial fails; the sweep goes on)."""
+    overrides = [f"--{k}={v}" for k, v in TINY_LEARN.items() if k not in ("learning_rate", "epochs", "seed")] + [
+        f"--data_path={tiny_world}", "--epochs=3", "--seed=7", "--valid_metric=NDCG@10"]
+    space = tmp_path / "space.yaml"
+    space.write_text("learning_rate: {grid_search: [0.005, 1.0e-7, -1.0]}\n")
+    out = tmp_path / "sweep"
+    result = run_tune("FastSASRec", TINY, str(space), str(out), [], overrides, scheduler="asha", metric="ndcg@10",
+                      grace_period=1, reduction_factor=2, max_concurrent=1)
+    rows = {r["learning_rate"]: r for r in result["rows"]}
+    good, bad, broken = rows[0.005], rows[1e-7], rows[-1.0]
+    assert good["status"] == "completed" and good["epochs"] == 3
+    with open(f"{good['log_dir']}/progress.csv") as f:  # one report per epoch, from inside the training loop
+        epochs = [int(float(x["epoch"])) for x in csv.DictReader(f) if x["fit_done"] in ("0", "0.0")]
+    assert epochs == [1, 2, 3]
+    assert bad["status"] == "stopped" and bad["epochs"] < 3 and result["stopped_early"] == 1
+    assert broken["status"] == "failed" and "learning rate" in broken["error"].lower() and result["failed"] == 1
     best = yaml.safe_load((out / "best.yaml").read_text())
-    assert best["model"] == "SASRec" and best["dataset"] == SMALL and best["learning_rate"] == rows[0]["learning_rate"] and best["seed"] == 7
+    assert best["model"] == "FastSASRec" and best["dataset"] == TINY and best["learning_rate"] == 0.005 and best["seed"] == 7
     assert Image.open(out / "curves.png").size[0] > 100 and (out / "results.md").exists()
     rerun = run_recbole(config_file_list=[str(out / "best.yaml")], argv=[])  # model/dataset from the file
-    assert rerun["best_valid_result"]["ndcg@10"] == pytest.approx(rows[0]["best_ndcg@10"], abs=2e-3)
-
-
-@pytest.mark.integration
-def test_asha_stops_a_bad_trial_and_a_failing_trial_fails_alone(small_data_path, tmp_path):
-    # the last grid point learns nothing (lr 1e-7): ASHA cuts it at a rung
-    result, _ = _sweep(tmp_path, "asha", "learning_rate: {grid_search: [0.004, 0.004, 0.004, 1.0e-7]}\n",
-                       "FastSASRec", small_data_path, ["--epochs=4"], scheduler="asha", metric="ndcg@10",
-                       grace_period=1, reduction_factor=2)
-    bad = next(r for r in result["rows"] if r["learning_rate"] < 1e-6)
-    assert result["stopped_early"] >= 1 and bad["status"] == "stopped" and bad["epochs"] < 4
-    assert result["failed"] == 0
-
-    # hidden 15 is not divisible by 2 heads: that trial raises
-    result, _ = _sweep(tmp_path, "fail", "hidden_size: {grid_search: [16, 15]}\n", "FastSASRec", small_data_path,
-                       ["--epochs=1"], model_args=[o for o in SMALL_MODEL if not o.startswith("--hidden_size")],
-                       scheduler="fifo")
-    assert result["failed"] == 1 and result["best"]["hidden_size"] == 16
-    failed = next(r for r in result["rows"] if r["status"] == "failed")
-    assert failed["hidden_size"] == 15 and "multiple of n_heads" in failed["error"]
+    assert rerun["best_valid_result"]["ndcg@10"] == pytest.approx(good["best_ndcg@10"], abs=2e-3)
 
 
 @pytest.mark.integration
@@ -113,6 +93,7 @@ def test_sweep_and_embedding_pool_join_a_running_cluster(small_data_path, folder
     cluster; the sweep's trial and the embedding actors run there (each command in its own process, as users
     run them), and the commands leave the cluster up."""
     import os
+    import shutil
     import socket
     import subprocess
     import sys
@@ -120,9 +101,9 @@ def test_sweep_and_embedding_pool_join_a_running_cluster(small_data_path, folder
     import time
 
     import numpy as np
-    import ray
 
-    ray.shutdown()
+    from recbole_llmfuse.dataset_prep.embed import ItemTextEmbeddingHook
+
     # ray.init() exports settings of this process's local Ray of earlier tests (RAY_AUTH_MODE=token, ...): the head
     # and the commands get a user's shell environment instead. Ray >= 2.5x heads default to token authentication,
     # which a driver joins with RAY_AUTH_MODE=token (README); this private head and its drivers opt out.
@@ -163,7 +144,10 @@ def test_sweep_and_embedding_pool_join_a_running_cluster(small_data_path, folder
                                capture_output=True, text=True, timeout=600, env=env)
         assert embed.returncode == 0, embed.stderr[-3000:]
         table = np.load(os.path.join(folder, f"{SMALL}.itememb.npz"))["embedding"]
-        assert table.shape[1] == 384 and np.isfinite(table).all()
+        local = tmp_path / "local" / SMALL  # the same hook run here, without Ray: the cluster's table, row for row
+        shutil.copytree(folder, local, ignore=shutil.ignore_patterns(f"{SMALL}.itememb*", f".{SMALL}.*"))
+        ItemTextEmbeddingHook(str(local), SMALL, {"device": "cpu", "formats": ["npz"]}).run(progress=False)
+        np.testing.assert_allclose(table, np.load(local / f"{SMALL}.itememb.npz")["embedding"], atol=1e-5)
         assert head.poll() is None  # still up
     finally:
         head.terminate()
