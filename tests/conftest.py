@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import os
-import random
 import shutil
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 import recbole_llmfuse  # noqa: F401  (applies the compat shims first)
 from recbole_llmfuse.data import embedded_dataset_dir
 from recbole_llmfuse.dataset_prep.itememb import write_item_embeddings
+from recbole_llmfuse.synthetic import write_random_llama, write_walks
 
 SMALL = "ml-small"
 SMALL_USERS = 300
@@ -111,40 +111,16 @@ N_ITEMS, N_USERS = 40, 60
 
 def write_tiny_dataset(root):
     """60 users walking the 40 items in steps of +1 or +3 (mod 40): sequential signal a model can learn."""
-    folder = os.path.join(root, TINY)
-    os.makedirs(folder, exist_ok=True)
-    rng = random.Random(0)
-    with open(os.path.join(folder, f"{TINY}.inter"), "w") as f:
-        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
-        for u in range(1, N_USERS + 1):
-            item, step = rng.randrange(N_ITEMS), rng.choice([1, 3])
-            for t in range(rng.randint(6, 14)):
-                f.write(f"u{u}\ti{item + 1}\t{1000 * u + t}\n")
-                item = (item + step) % N_ITEMS
-    with open(os.path.join(folder, f"{TINY}.item"), "w") as f:
-        f.write("item_id:token\ttitle:token_seq\tbrand:token\n")
-        for i in range(1, N_ITEMS + 1):
-            f.write(f"i{i}\twidget {i}\t{['acme', 'globex', ''][i % 3]}\n")
-    return root
+    return write_walks(root, TINY, users=N_USERS, items=N_ITEMS)
 
 
 def write_tiny_llama(path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
-
+    """A 2-layer random Llama decoder with a word-level tokenizer of the tiny world's words."""
     texts = [f"title: widget {i}, brand: acme globex" for i in range(1, N_ITEMS + 1)]
     texts += ["Provide the next item's hidden state for each [SEQ]. User's history: ",
               "Provide the item's hidden state for [ALIGN]. Item Description: "]
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "</s>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>")
-    fast.save_pretrained(path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    LlamaModel(cfg).save_pretrained(path)
-    return str(path)
+    return write_random_llama(str(path), texts, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2)
 
 
 def tiny_causal_llama(path):

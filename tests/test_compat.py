@@ -101,20 +101,22 @@ def test_freed_heap_memory_goes_back_to_the_system_every_few_steps():
 
 LEAN_RUN_SCRIPT = """
 import sys
+sys.modules['ray'] = None  # as where Ray is not installed: any `import ray` raises ImportError
 import recbole_llmfuse
-after_import = sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'sklearn', 'transformers', 'matplotlib'})
+heavy = lambda: sorted({m.split('.')[0] for m, v in sys.modules.items() if v is not None} & {'ray', 'sklearn', 'transformers', 'matplotlib'})
+after_import = heavy()
 recbole_llmfuse.run_recbole('FastSASRec', 'ml-small', config_dict={
     'data_path': sys.argv[1], 'load_col': {'inter': ['user_id', 'item_id', 'timestamp']}, 'epochs': 1,
     'MAX_ITEM_LIST_LENGTH': 5, 'hidden_size': 16, 'train_batch_size': 2048, 'show_progress': False,
     'state': 'WARNING'}, argv=[])
-after_run = sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'sklearn', 'transformers', 'matplotlib'})
-print(after_import, after_run)
+print(after_import, heavy())
 """
 
 
 def test_import_and_a_training_run_load_no_ray_and_no_sklearn(small_data_path):
     """Ray (Tune sweeps, Ray prep), scikit-learn (RecBole's AUC/MAE/RMSE), transformers and matplotlib are
-    imported where they are used, not by ``import recbole_llmfuse`` or a plain training run."""
+    imported where they are used, not by ``import recbole_llmfuse`` or a plain training run; both work where
+    Ray is not installed."""
     out = subprocess.run([sys.executable, "-c", LEAN_RUN_SCRIPT, small_data_path], capture_output=True, text=True,
                          timeout=300, cwd=os.getcwd())
     assert out.returncode == 0, out.stderr[-2000:]

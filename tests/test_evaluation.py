@@ -15,7 +15,7 @@ from recbole.data.interaction import Interaction
 from recbole_llmfuse import Config, create_dataset, data_preparation
 from recbole_llmfuse.evaluation import GroupCollector, GroupEvaluator, item_groups, tail_users, training_counts
 
-from conftest import SMALL
+from conftest import SMALL, TINY
 
 NEG = float("-inf")
 
@@ -140,26 +140,22 @@ def test_bench_model_variants_parse_and_fail_clearly():
         parse_variant("FAERec[backbone]")
 
 
-@pytest.mark.integration
-def test_bench_variants_phase_rows_and_resume(small_data_path, tmp_path):
-    """Variants of one model side by side, PAD's phases as rows, and --resume reuses finished runs."""
-    import shutil
+def test_bench_variants_phase_rows_and_resume(tiny_world, tmp_path, capsys):
+    """Variants of one model side by side, PAD's phases as rows, and --resume reuses finished runs (the tiny world,
+    through the command's own entry point in this process)."""
+    from recbole_llmfuse import cli
 
-    data = tmp_path / "data"  # PAD's hook writes the MiniLM table beside a private copy of the data
-    shutil.copytree(os.path.join(small_data_path, SMALL), data / SMALL)
     out = tmp_path / "bench"
-    cmd = [os.path.join(os.path.dirname(sys.executable), "recbole-llmfuse"), "bench", f"--dataset={SMALL}",
-           "--models=FastSASRec;FastSASRec[n_layers=1];PAD", "--seeds=0", f"--out={out}", "--epochs=1",
-           "--MAX_ITEM_LIST_LENGTH=5", "--hidden_size=16", f"--data_path={data}",
+    cmd = ["bench", f"--dataset={TINY}", "--models=FastSASRec;FastSASRec[n_layers=1];PAD", "--seeds=0",
+           f"--out={out}", "--epochs=1", "--MAX_ITEM_LIST_LENGTH=5", "--hidden_size=16", f"--data_path={tiny_world}",
            "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}", "--baseline=PAD/pretrain"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert cli.main(cmd) == 0, capsys.readouterr()
     rows = {r["model"]: r for r in csv.DictReader(open(out / "results.csv"))}
     assert set(rows) == {"FastSASRec", "FastSASRec[n_layers=1]", "PAD", "PAD/pretrain", "PAD/align"}
     assert int(rows["FastSASRec[n_layers=1]"]["trainable_params"]) < int(rows["FastSASRec"]["trainable_params"])
     assert float(rows["PAD"]["epoch_s_finetune"]) > 0 and float(rows["PAD/pretrain"]["test_ndcg@10"]) > 0
     assert "| PAD/pretrain |" in (out / "results.md").read_text()
-    again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0 and again.stdout.count("done earlier") == 3
+    capsys.readouterr()
+    assert cli.main(cmd + ["--resume"]) == 0 and capsys.readouterr().out.count("done earlier") == 3
     assert {r["model"]: r["test_ndcg@10"] for r in csv.DictReader(open(out / "results.csv"))} == {
         m: r["test_ndcg@10"] for m, r in rows.items()}

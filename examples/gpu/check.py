@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import resource
 import sys
 import tempfile
@@ -36,45 +35,6 @@ SHAPES = {
 }
 DRY_SHAPES = {"tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=1000)}
-
-
-def write_world(root: str, users: int, items: int) -> str:
-    """A dataset whose users walk the items in steps of +1 or +3: ``<root>/walks/walks.{inter,item}``."""
-    folder = os.path.join(root, "walks")
-    os.makedirs(folder, exist_ok=True)
-    rng = random.Random(0)
-    with open(os.path.join(folder, "walks.inter"), "w") as f:
-        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
-        for u in range(1, users + 1):
-            item, step = rng.randrange(items), rng.choice([1, 3])
-            for t in range(rng.randint(8, 30)):
-                f.write(f"u{u}\ti{item + 1}\t{1000 * u + t}\n")
-                item = (item + step) % items
-    with open(os.path.join(folder, "walks.item"), "w") as f:
-        f.write("item_id:token\ttitle:token_seq\n")
-        for i in range(1, items + 1):
-            f.write(f"i{i}\twidget number {i} in colour {['red', 'green', 'blue'][i % 3]}\n")
-    return root
-
-
-def write_decoder(path: str, shape: dict, texts) -> str:
-    """A random-weight Llama of ``shape`` with a word-level tokenizer trained on ``texts`` (built in process: no hub)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "</s>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>")
-    fast.save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(**{**shape, "vocab_size": max(shape["vocab_size"], len(fast))}, max_position_embeddings=4096,
-                         torch_dtype="bfloat16")
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config)
-    model.to(torch.bfloat16).save_pretrained(path)
-    del model
-    return path
 
 
 class Peak:
@@ -169,6 +129,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dry", action="store_true", help="tiny shapes and data on the CPU (seconds)")
     args = parser.parse_args(argv)
     import recbole_llmfuse  # noqa: F401  (compat shims)
+    from recbole_llmfuse.synthetic import write_random_llama, write_walks
 
     os.makedirs(args.out, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -177,7 +138,8 @@ def main(argv=None) -> int:
         return 2
     work = tempfile.mkdtemp(prefix="gpu_check_")
     os.chdir(work)  # RecBole writes ./log, ./saved
-    world = write_world(os.path.join(work, "data"), users=40 if args.dry else 2000, items=30 if args.dry else 3000)
+    world = write_walks(os.path.join(work, "data"), "walks", users=40 if args.dry else 2000,
+                        items=30 if args.dry else 3000, length=(8, 30))
     rows = []
     base = {"data_path": world, "load_col": {"inter": ["user_id", "item_id", "timestamp"]}, "show_progress": False,
             "state": "WARNING", "seed": 0, "loss_type": "CE", "train_neg_sample_args": None}
@@ -196,7 +158,8 @@ def main(argv=None) -> int:
     prompts = texts + ["Provide the next item's hidden state for each [SEQ]. User's history: ",
                        "Provide the item's hidden state for [ALIGN]. Item Description: "]
     for name, shape in (DRY_SHAPES if args.dry else SHAPES).items():
-        llm = write_decoder(os.path.join(work, name.split()[0]), shape, prompts)
+        llm = write_random_llama(os.path.join(work, name.split()[0]), prompts, lm_head=True, dtype="bfloat16",
+                                 max_position_embeddings=4096, **shape)
         with Peak() as mem:
             step = hdrec_steps(world, llm, base, steps=2 if args.dry else 20)
         rows.append({"what": f"HDRec step, {name}", "s": step["step_s"], "tokens_per_s": step["tokens_per_s"], "peak_mib": mem.mib})
