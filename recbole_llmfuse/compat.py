@@ -261,14 +261,19 @@ class _HookedLoader(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
-        stubs = {p: _DeferredPackage(p) for p in DEFERRED_IMPORTS.get(self._name, ()) if p not in sys.modules}
+        # not imported yet (absent, or None: an import known to fail, as where the package is not installed)
+        stubs = {p: _DeferredPackage(p) for p in DEFERRED_IMPORTS.get(self._name, ()) if sys.modules.get(p) is None}
+        before = {p: sys.modules[p] for p in stubs if p in sys.modules}
         sys.modules.update(stubs)
         try:
             self._loader.exec_module(module)
         finally:
             for package, stub in stubs.items():
                 if sys.modules.get(package) is stub:
-                    del sys.modules[package]
+                    if package in before:
+                        sys.modules[package] = before[package]
+                    else:
+                        del sys.modules[package]
         for patch in PATCHES.get(self._name, ()):
             patch(module)
 

@@ -103,6 +103,7 @@ LEAN_RUN_SCRIPT = """
 import sys
 sys.modules['ray'] = None  # as where Ray is not installed: any `import ray` raises ImportError
 import recbole_llmfuse
+import recbole.quick_start  # as a RecBole user's script does: `from ray import tune` there is deferred
 heavy = lambda: sorted({m.split('.')[0] for m, v in sys.modules.items() if v is not None} & {'ray', 'sklearn', 'transformers', 'matplotlib'})
 after_import = heavy()
 recbole_llmfuse.run_recbole('FastSASRec', 'ml-small', config_dict={

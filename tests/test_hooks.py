@@ -272,28 +272,30 @@ def test_expensive_hook_is_not_started_by_a_model_run(small_cfg, toy_hooks):
 
 
 def test_record_cache_resumes_and_counts(tmp_path):
-    cache = RecordCache(str(tmp_path / "c.sqlite"))
-    keys = [RecordCache.key("hf", "model-sha", f"prompt {i}", {"temperature": 0}) for i in range(5)]
-    assert RecordCache.key("hf", "model-sha", "prompt 0", {"temperature": 0}) == keys[0]
-    assert RecordCache.key("hf", "model-sha", "prompt 0", {"temperature": 1}) != keys[0]
-    generated = []
+    """Records are keyed by generator, prompt and sampling; a generation killed after 3 records keeps them, and the
+    rerun (a new process: the same file opened again) generates only the 2 missing, through the production path
+    (``cached_generate``, one record per chunk)."""
+    from recbole_llmfuse.generation import TemplateGenerator, cached_generate
 
-    def generate(todo, fail_after=None):
-        found = cache.get_many(todo)
-        for n, k in enumerate(k for k in todo if k not in found):
-            if fail_after is not None and n == fail_after:
+    assert RecordCache.key("hf", "model-sha", "prompt 0", {"temperature": 0}) == RecordCache.key("hf", "model-sha", "prompt 0", {"temperature": 0})
+    assert RecordCache.key("hf", "model-sha", "prompt 0", {"temperature": 1}) != RecordCache.key("hf", "model-sha", "prompt 0", {"temperature": 0})
+
+    class Killed(TemplateGenerator):
+        def generate(self, requests, sampling):
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 4:
                 raise KeyboardInterrupt
-            generated.append(k)
-            cache.put_many({k: {"text": f"profile {k[:6]}"}})
-        return {**found, **cache.get_many([k for k in todo if k not in found])}
+            return super().generate(requests, sampling)
 
+    requests = [{"prompt": f"prompt {i}", "fields": {"i": i}} for i in range(5)]
+    cache = RecordCache(str(tmp_path / "c.sqlite"))
     with pytest.raises(KeyboardInterrupt):
-        generate(keys, fail_after=3)  # killed after 3 records
-    assert len(cache) == 3 and len(generated) == 3
-    cache = RecordCache(cache.path)  # the rerun (a new process) opens the same file
-    out = generate(keys)
-    assert len(generated) == 5 and len(out) == 5  # only the 2 missing were generated
-    assert (cache.hits, cache.misses) == (3 + 2, 2)
+        cached_generate(Killed("profile {i}"), requests, {"temperature": 0}, cache, chunk=1)
+    assert len(cache) == 3
+    cache = RecordCache(cache.path)
+    out = cached_generate(TemplateGenerator("profile {i}"), requests, {"temperature": 0}, cache, chunk=1)
+    assert (out["generated"], out["cached"]) == (2, 3) and out["texts"] == [f"profile {i}" for i in range(5)]
+    assert (cache.hits, cache.misses) == (3, 2)
 
 
 def test_prep_cli_errors_are_one_line(folder):
