@@ -369,6 +369,14 @@ def _trim_malloc_heap() -> bool:
     return True
 
 
+def _patch_imported() -> None:
+    """Patch the modules of :data:`PATCHES` that were imported before the shims were applied."""
+    for name, patches in PATCHES.items():
+        if name in sys.modules:
+            for patch in patches:
+                patch(sys.modules[name])
+
+
 def apply() -> None:
     """Apply every shim once (idempotent): the RecBole modules named in :data:`PATCHES` are patched as they
     are imported (at once if they already are), so importing this package imports none of them itself."""
@@ -381,10 +389,7 @@ def apply() -> None:
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
     _numpy_aliases()
     _pkg_resources_packaging()
-    for name, patches in PATCHES.items():
-        if name in sys.modules:
-            for patch in patches:
-                patch(sys.modules[name])
+    _patch_imported()
     sys.meta_path.insert(0, _RecBoleImportHooks())
     _trim_malloc_heap()
     _APPLIED = True

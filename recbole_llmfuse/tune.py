@@ -194,15 +194,25 @@ def train_trial(params: dict, setup: dict) -> None:
     execute(config, callbacks=[TuneReporter(session)], saved=False, test=False, verbose=False)  # ./log/ of the trial
 
 
+def make_scheduler(name: str, max_t: int, grace_period: int = 1, reduction_factor: float = 2):
+    """``asha``: ASHA on the ``epoch`` reports (grace period clamped to ``max_t``); ``fifo``: every trial runs on."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if name == "asha":
+        return ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=min(grace_period, max_t),
+                             reduction_factor=reduction_factor)
+    if name == "fifo":
+        return FIFOScheduler()
+    raise ConfigError(f"--scheduler {name}: use asha or fifo")
+
+
 # -- the sweep ---------------------------------------------------------------------------------------------
 def run_tune(model: str, dataset: str, space_file: str, out: str, config_files: List[str], overrides: List[str],
              num_samples: int = 1, scheduler: str = "asha", metric: str = "ndcg@10", cpus_per_trial: float = 1,
              gpus_per_trial: float = 0, address: Optional[str] = None, max_concurrent: int = 0,
              grace_period: int = 1, reduction_factor: float = 2, num_cpus: Optional[int] = None) -> dict:
     """Run the sweep; returns ``{"rows": [...], "best": {...} | None, "failed": n, "stopped_early": n}``."""
-    import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     import recbole_llmfuse  # noqa: F401
     from recbole_llmfuse.config import Config
@@ -227,13 +237,7 @@ def run_tune(model: str, dataset: str, space_file: str, out: str, config_files: 
     staged = isinstance(trainer, type) and issubclass(trainer, StagedTrainer)
     max_t = int(probe["epochs"]) * (len(probe["train_stages"]) if staged and probe["train_stages"] else 1)
     metric = metric.lower()
-    if scheduler == "asha":
-        sched = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=min(grace_period, max_t),
-                              reduction_factor=reduction_factor)
-    elif scheduler == "fifo":
-        sched = FIFOScheduler()
-    else:
-        raise ConfigError(f"--scheduler {scheduler}: use asha or fifo")
+    sched = make_scheduler(scheduler, max_t, grace_period, reduction_factor)
     _, run_config, failure_config = ray_api()
     setup = {"model": model, "dataset": dataset, "config_files": config_files, "overrides": overrides, "fixed": fixed}
     trainable = tune.with_resources(tune.with_parameters(train_trial, setup=setup),

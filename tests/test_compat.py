@@ -1,6 +1,7 @@
 """The compatibility shims: each fixes its breakage and leaves everything else alone."""
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import subprocess
@@ -134,3 +135,73 @@ def test_deferred_recbole_imports_resolve_on_first_use():
     import ray.tune
 
     assert recbole_quick_start.tune.report is ray.tune.report
+
+
+def test_import_hooks_defer_names_patch_modules_and_step_aside(tmp_path, monkeypatch):
+    """The mechanism behind the shims, on modules of the test's own: a hooked module's `from pkg import name` binds a
+    stand-in that imports on first use (a submodule or an attribute; a missing dependency still fails there), its
+    patches run right after it loads, modules imported before the shims are patched by `_patch_imported`, and a
+    hooked name that does not exist is left to the normal import error."""
+    from recbole_llmfuse import compat
+
+    (tmp_path / "probe_heavy").mkdir()
+    (tmp_path / "probe_heavy" / "__init__.py").write_text("ANSWER = 42\n")
+    (tmp_path / "probe_heavy" / "sub.py").write_text("def f():\n    return 7\n")
+    (tmp_path / "probe_heavy" / "broken.py").write_text("import probe_not_installed\n")
+    (tmp_path / "probe_user.py").write_text("from probe_heavy import sub, ANSWER, broken\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(compat.DEFERRED_IMPORTS, "probe_user", ("probe_heavy",))
+    seen = []
+    monkeypatch.setitem(compat.PATCHES, "probe_user", [lambda module: seen.append(module.__name__)])
+    monkeypatch.setitem(compat.PATCHES, "probe_absent", [])
+    try:
+        import probe_user
+
+        assert seen == ["probe_user"] and "probe_heavy" not in sys.modules
+        assert repr(probe_user.sub) == "<deferred probe_heavy.sub>"
+        assert probe_user.sub.f() == 7 and "probe_heavy" in sys.modules  # a submodule, on first use
+        assert probe_user.ANSWER.real == 42  # an attribute of the package
+        with pytest.raises(ModuleNotFoundError, match="probe_not_installed"):
+            probe_user.broken.anything
+        compat._patch_imported()  # imported before the shims: patched when they are applied
+        assert seen == ["probe_user", "probe_user"]
+        with pytest.raises(ModuleNotFoundError, match="probe_absent"):
+            import probe_absent  # noqa: F401
+    finally:
+        for name in ("probe_user", "probe_heavy", "probe_heavy.sub", "probe_heavy.broken"):
+            sys.modules.pop(name, None)
+
+
+def test_ray_2_6_sees_packaging_through_pkg_resources(monkeypatch):
+    """ray 2.6.3 (a plain pip install's) reads `pkg_resources.packaging` and the vendored `packaging.version`, gone
+    from setuptools >= 71: the shim points both at the installed `packaging` (a current Ray needs nothing)."""
+    from importlib import metadata
+
+    import packaging
+
+    from recbole_llmfuse import compat
+
+    pkg_resources = pytest.importorskip("pkg_resources")
+    monkeypatch.setattr(metadata, "version", lambda name: "2.6.3" if name == "ray" else metadata.version(name))
+    monkeypatch.delattr(pkg_resources, "packaging", raising=False)
+    for name in ("pkg_resources._vendor.packaging", "pkg_resources._vendor.packaging.version"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    compat._pkg_resources_packaging()
+    assert pkg_resources.packaging is packaging
+    assert importlib.import_module("pkg_resources._vendor.packaging.version").Version("2.6.3") < packaging.version.Version("2.10")
+
+
+def test_graph_model_shims_on_recboles_lightgcn():
+    """LightGCN's module sees a `dok_matrix` with `_update` (removed in scipy 1.13) and a `torch.sparse.FloatTensor`
+    that builds a COO tensor without the deprecation warning."""
+    import warnings
+
+    import recbole.model.general_recommender.lightgcn as lightgcn
+
+    m = lightgcn.sp.dok_matrix((2, 3), dtype=np.float32)
+    m._update({(0, 1): 1.0, (1, 2): 2.0})
+    assert m.toarray().tolist() == [[0, 1, 0], [0, 0, 2]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = lightgcn.torch.sparse.FloatTensor(torch.tensor([[0, 1], [1, 2]]), torch.tensor([1.0, 2.0]), torch.Size([2, 3]))
+    assert t.is_sparse and t.to_dense().tolist() == [[0, 1, 0], [0, 0, 2]]

@@ -140,18 +140,18 @@ def test_hf_backend_on_smollm2_gguf(folder):
     assert report["dim"] == 576
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("engine", ["actors", "data"])
-def test_ray_path_with_two_workers_matches_local(folder, tmp_path, engine, local_ray):
-    """Ray's actor pool and Ray Data (map_batches) give the local run's table, row for row; with shards of
-    100 items the 2 workers write several part files, whose rows must land in RecBole's item order."""
-    local = tmp_path / "local" / SMALL
-    shutil.copytree(folder, local)
-    ItemTextEmbeddingHook(str(local), SMALL, {"device": "cpu", "formats": ["npz"]}).run(progress=False)
-    report = ItemTextEmbeddingHook(folder, SMALL, {"device": "cpu", "formats": ["npz"], "ray_workers": 2,
-                                                   "ray_engine": engine, "shard_size": 100, "batch_size": 16}).run(progress=False)
-    assert report["merged"] and report["shards_computed"] > 2
-    a, b = np.load(os.path.join(folder, f"{SMALL}.itememb.npz")), np.load(os.path.join(local, f"{SMALL}.itememb.npz"))
+def test_ray_path_with_two_workers_matches_local(tmp_path, engine, local_ray):
+    """Ray's actor pool and Ray Data (map_batches) give the local run's table, row for row (the tiny world's 40
+    items); with shards of 8 items the 2 workers write several part files, whose rows must land in item order."""
+    from conftest import TINY, write_tiny_dataset
+
+    folder, local = (os.path.join(write_tiny_dataset(str(tmp_path / d)), TINY) for d in ("ray", "local"))
+    ItemTextEmbeddingHook(local, TINY, {"device": "cpu", "formats": ["npz"]}).run(progress=False)
+    report = ItemTextEmbeddingHook(folder, TINY, {"device": "cpu", "formats": ["npz"], "ray_workers": 2,
+                                                  "ray_engine": engine, "shard_size": 8, "batch_size": 4}).run(progress=False)
+    assert report["merged"] and report["shards_computed"] == 5
+    a, b = np.load(os.path.join(folder, f"{TINY}.itememb.npz")), np.load(os.path.join(local, f"{TINY}.itememb.npz"))
     np.testing.assert_allclose(a["embedding"], b["embedding"], atol=1e-5)
 
 
@@ -186,3 +186,15 @@ def test_ray_data_on_an_old_ray_says_how_to_install(folder, monkeypatch):
     with pytest.raises(PrepError, match=r"needs Ray >= 2\.40, found 2\.6\.3.*setup_env\.sh"):
         hook.run(progress=False)
     assert not os.path.exists(os.path.join(folder, f"{SMALL}.itememb.npz"))
+
+
+def test_embedded_dataset_is_copied_to_a_writable_folder(tmp_path):
+    """ml-100k ships inside the recbole wheel (site-packages may be read-only): a run copies it under data_path."""
+    from recbole_llmfuse.data import embedded_dataset_dir, prepare_folder
+
+    config = Config("FastSASRec", "ml-100k", config_dict={"data_path": str(tmp_path / "dataset")}, argv=[])
+    prepare_folder(config)
+    source = embedded_dataset_dir("ml-100k")
+    for name in os.listdir(source):
+        with open(os.path.join(source, name), "rb") as a, open(tmp_path / "dataset" / "ml-100k" / name, "rb") as b:
+            assert a.read() == b.read(), name

@@ -28,12 +28,12 @@ BOOSTER_DATA = {"load_col": {"inter": ["user_id", "item_id", "rating", "timestam
                 "eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "RO", "group_by": None, "mode": "labeled"}}
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("model, settings, metric, floor", [
     ("LightGBM", {**BOOSTER_DATA, "lgb_num_boost_round": 20}, "auc", 0.6),  # a random scorer: AUC 0.5
     ("XGBoost", {**BOOSTER_DATA, "xgb_num_boost_round": 20}, "auc", 0.6),
     # faiss k-means (RecBole's 1000 clusters > 943 users); a random ranker scores 0.006 here
-    ("NCL", {"num_clusters": 100, "epochs": 1, "train_batch_size": 256}, "ndcg@10", 0.03),
+    pytest.param("NCL", {"num_clusters": 100, "epochs": 1, "train_batch_size": 256}, "ndcg@10", 0.03,
+                 marks=pytest.mark.integration),
 ])
 def test_models_of_the_recbole_models_extra_learn_on_ml100k(model, settings, metric, floor, tmp_path):
     """The extra's packages installed (scripts/setup_env.sh installs it): RecBole's model runs through our run
@@ -56,7 +56,6 @@ def test_a_model_missing_its_optional_package_says_which_in_one_line(model, monk
         registry.get_model(model)
 
 
-@pytest.mark.integration
 def test_ddp_runs_two_cpu_processes_with_gloo(small_data_path, tmp_path):
     import os
     import socket

@@ -155,3 +155,14 @@ def test_sweep_and_embedding_pool_join_a_running_cluster(small_data_path, folder
         record = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")  # what `ray stop` would remove
         if os.path.exists(record) and open(record).read().strip().endswith(f":{port}"):
             os.remove(record)
+
+
+def test_schedulers_by_name():
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from recbole_llmfuse.tune import make_scheduler
+
+    asha = make_scheduler("asha", max_t=2, grace_period=5)  # the grace period is clamped to the epoch cap
+    assert isinstance(asha, ASHAScheduler) and isinstance(make_scheduler("fifo", max_t=2), FIFOScheduler)
+    with pytest.raises(ConfigError, match="--scheduler hyperband: use asha or fifo"):
+        make_scheduler("hyperband", max_t=2)
