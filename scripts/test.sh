@@ -2,7 +2,7 @@
 # The test command (README "Tests"). Sets up .venv (the package installed as a wheel would be, non-editable), then:
 #   bash scripts/test.sh                   # the default tier: every test not marked slow or integration, then the
 #                                          # editable-install checks in their own editable virtualenv (.venv-dev)
-#   bash scripts/test.sh -m integration    # sweeps, a Ray cluster, Ray prep, DDP, benches, longer trainings
+#   bash scripts/test.sh -m integration    # benches, budget-matched tuning, a Ray cluster, DDP sync, ml-100k runs
 #   bash scripts/test.sh -m slow           # the real SmolLM2 on ml-100k slices (minutes each)
 # Measured times are in the README ("Tests"). Extra arguments go to pytest as they are.
 set -euo pipefail
