@@ -339,7 +339,7 @@ class ItemTextEmbeddingHook(PrepHook):
                 encode_seconds = time.perf_counter() - start
             else:
                 encode_seconds = self._encode_locally(items, todo, size, part, progress)
-        n_encoded = sum(min(size, len(items.texts) - k * size) for k in todo)
+        n_encoded = sum(len(_shard_rows(k, size, len(items.texts))) for k in todo)
         report = {
             "items": len(items.texts), "fallback_items": items.n_fallback, "shards_computed": len(todo),
             "encode_seconds": encode_seconds,
@@ -363,7 +363,7 @@ class ItemTextEmbeddingHook(PrepHook):
 
         encoder = make_encoder(self.encoder_params())
         start = time.perf_counter()
-        bar = tqdm(total=sum(min(size, len(items.texts) - k * size) for k in todo), unit="item",
+        bar = tqdm(total=sum(len(_shard_rows(k, size, len(items.texts))) for k in todo), unit="item",
                    desc=f"embedding {self.dataset} items", disable=not progress)
         for k in todo:
             texts = items.texts[k * size:(k + 1) * size]
@@ -406,7 +406,7 @@ class ItemTextEmbeddingHook(PrepHook):
             raise PrepError(f"{self.name}: ray_engine=data needs Ray >= {'.'.join(map(str, RAY_DATA_MIN))}, found "
                             f"{ray_module.__version__} (recbole pins ray<=2.6.3): install with scripts/setup_env.sh, "
                             f"which lifts that pin (scripts/overrides.txt), or use ray_engine=actors")
-        rows = [{"row": i, "text": items.texts[i]} for k in todo for i in range(k * size, min((k + 1) * size, len(items.texts)))]
+        rows = [{"row": i, "text": items.texts[i]} for k in todo for i in _shard_rows(k, size, len(items.texts))]
         workers = int(self.params["ray_workers"])
         with self._ray() as ray:
             batches = ray.data.from_items(rows, override_num_blocks=max(workers, len(rows) // int(self.params["batch_size"]) or 1)).map_batches(
@@ -417,9 +417,14 @@ class ItemTextEmbeddingHook(PrepHook):
                 for row, vector in zip(batch["row"].tolist(), batch["embedding"]):
                     k = row // size
                     pending[k][row] = vector
-                    if len(pending[k]) == min(size, len(items.texts) - k * size):
+                    if len(pending[k]) == len(_shard_rows(k, size, len(items.texts))):
                         shard = pending.pop(k)
                         _save_part(part(k), np.stack([shard[r] for r in sorted(shard)]))
+
+
+def _shard_rows(k: int, size: int, n_items: int) -> range:
+    """The item rows of shard ``k`` (shards of ``size`` items; the last one may be shorter)."""
+    return range(k * size, min((k + 1) * size, n_items))
 
 
 def _save_part(path: str, vectors: np.ndarray) -> None:
