@@ -188,15 +188,18 @@ def _autograd_anomaly_off(module) -> None:
 
 
 #: module -> the patches applied to it right after its import (or at once, if it is already imported)
-PATCHES = {
-    "recbole.utils.utils": [_concurrent_ensure_dir],
-    **{name: [_concurrent_ensure_dir] for name in ENSURE_DIR_MODULES[1:]},
-    "recbole.quick_start.quick_start": [_torch_checkpoint_loading],
-    "recbole.model.sequential_recommender.s3rec": [_torch_checkpoint_loading],
-    "recbole.model.sequential_recommender.sine": [_autograd_anomaly_off],
-    **{name: [_sparse_tensors] + ([_dok_update] if name in DOK_UPDATE_MODULES else []) for name in SPARSE_TENSOR_MODULES},
-}
-PATCHES["recbole.trainer.trainer"] = PATCHES["recbole.trainer.trainer"] + [_torch_checkpoint_loading, _trainer_amp, _cpu_ddp]
+PATCHES: dict = {}
+for _names, _patches in (
+    (ENSURE_DIR_MODULES, [_concurrent_ensure_dir]),  # its home module first
+    (("recbole.trainer.trainer", "recbole.quick_start.quick_start", "recbole.model.sequential_recommender.s3rec"),
+     [_torch_checkpoint_loading]),
+    (("recbole.trainer.trainer",), [_trainer_amp, _cpu_ddp]),
+    (("recbole.model.sequential_recommender.sine",), [_autograd_anomaly_off]),
+    (SPARSE_TENSOR_MODULES, [_sparse_tensors]),
+    (DOK_UPDATE_MODULES, [_dok_update]),
+):
+    for _name in _names:
+        PATCHES.setdefault(_name, []).extend(_patches)
 
 #: heavy packages that a RecBole module imports at module level but uses inside one rarely called function:
 #: module -> packages whose names it binds are imported on first use instead. ``recbole.quick_start`` does
