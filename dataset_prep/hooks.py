@@ -219,7 +219,9 @@ class PrepHook:
     and implement ``outputs``, ``fingerprint`` and ``run``; ``work_dirs`` lists folders a run may leave."""
 
     name: str = ""
-    #: names of hooks whose outputs this one reads (run first; their fingerprints join this one's)
+    #: hooks whose outputs this one reads (run first; their fingerprints join this one's): names, or ``(name,
+    #: {param: value})`` for that hook with some of the run's parameters replaced (e.g. PtE's tuning reads the
+    #: untuned profile set while the run's ``pte_profiles`` asks for the tuned one)
     requires: tuple = ()
     #: True: the fingerprint includes the training split's digest (hooks that read interactions)
     uses_split: bool = False
@@ -450,10 +452,11 @@ def builtin_hooks() -> Dict[str, Type[PrepHook]]:
     from recbole_llmfuse.dataset_prep.encoder_lora import ItemEncoderLoraHook
     from recbole_llmfuse.dataset_prep.item_tokens import ItemTokensHook
     from recbole_llmfuse.dataset_prep.pretrained_ids import SASRecItemTableHook
+    from recbole_llmfuse.dataset_prep.profiler_tuning import ProfilerGRPOHook, ProfilerSFTHook
     from recbole_llmfuse.dataset_prep.profiles import ProfileEmbeddingHook, ProfilesHook
 
     return {h.name: h for h in (ItemTextEmbeddingHook, ItemEncoderLoraHook, ItemTokensHook, SASRecItemTableHook, ProfilesHook,
-                                ProfileEmbeddingHook)}
+                                ProfileEmbeddingHook, ProfilerSFTHook, ProfilerGRPOHook)}
 
 
 def available_hooks() -> Dict[str, Type[PrepHook]]:
@@ -471,31 +474,36 @@ def get_hook(name: str) -> Type[PrepHook]:
     return hooks[name]
 
 
-def make_hook(name: str, config, data_path: Optional[str] = None) -> PrepHook:
-    """Hook ``name`` for ``config``'s dataset, parameterised from ``config[name]``."""
+def make_hook(name: str, config, data_path: Optional[str] = None, overrides: Optional[dict] = None) -> PrepHook:
+    """Hook ``name`` for ``config``'s dataset, parameterised from ``config[name]`` (then ``overrides``)."""
     params = config[name] or {}
     if not isinstance(params, dict):
         raise PrepError(f"config key '{name}' must be a dict of the hook's parameters, got {params!r}")
-    return get_hook(name)(data_path or config["data_path"], config["dataset"], params, config=config)
+    return get_hook(name)(data_path or config["data_path"], config["dataset"], {**params, **(overrides or {})},
+                          config=config)
 
 
-def resolve(config, names: Iterable[str], data_path: Optional[str] = None) -> List[PrepHook]:
-    """The hooks ``names`` and everything they require, in dependency order, each with its inputs' digests."""
+def resolve(config, names: Iterable, data_path: Optional[str] = None) -> List[PrepHook]:
+    """The hooks ``names`` and everything they require, in dependency order, each with its inputs' digests.
+    A requirement is a name or ``(name, overrides)`` (see :attr:`PrepHook.requires`)."""
     ordered: Dict[str, PrepHook] = {}
     visiting: set = set()
 
-    def visit(name: str) -> None:
-        if name in ordered:
-            return
-        if name in visiting:
+    def visit(req) -> PrepHook:
+        name, overrides = (req, {}) if isinstance(req, str) else (req[0], dict(req[1]))
+        key = name + (json.dumps(overrides, sort_keys=True, default=str) if overrides else "")
+        if key in ordered:
+            return ordered[key]
+        if key in visiting:
             raise PrepError(f"prep hooks require each other in a cycle through '{name}'")
-        visiting.add(name)
-        hook = make_hook(name, config, data_path)
-        for req in hook.requires:
-            visit(req)
-            hook.inputs[req] = ordered[req].fingerprint_digest()
-        visiting.discard(name)
-        ordered[name] = hook
+        visiting.add(key)
+        hook = make_hook(name, config, data_path, overrides)
+        for dep in hook.requires:
+            needed = visit(dep)
+            hook.inputs[needed.name] = needed.fingerprint_digest()
+        visiting.discard(key)
+        ordered[key] = hook
+        return hook
 
     for name in names:
         visit(name)

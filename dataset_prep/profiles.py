@@ -95,6 +95,38 @@ def snapshot_slot(prefix_length, slots: int):
     return torch.floor(torch.log2(n)).long().clamp(max=slots - 1)
 
 
+#: hooks whose adapter ``pte_profiles``' ``adapter`` may name (``dataset_prep.profiler_tuning``)
+TUNING_HOOKS = ("profiler_sft", "profiler_grpo")
+#: ``pte_profiles`` parameters of the reward (Eq. 9-11): they shape only scored profiles
+REWARD_PARAMS = ("lambda_c", "lambda_d", "reward_items", "format_guard", "best_of_k_temperatures", "best_of_k_top_p",
+                 "best_of_k_items")
+
+
+def reward_encoder_params(config) -> dict:
+    """``f_enc`` of spec PtE §4.1: the ``pte_embeddings`` hook's encoder settings (``backend`` and the encoder
+    keys) for ``config`` — one encoder for the rewards and the features."""
+    from recbole_llmfuse.dataset_prep.embed import ENCODER_KEYS
+    from recbole_llmfuse.dataset_prep.hooks import get_hook
+
+    params = {**get_hook("pte_embeddings").default_params(), **((config["pte_embeddings"] if config else None) or {})}
+    return {k: params[k] for k in ("backend", *ENCODER_KEYS) if k in params and k not in ("device", "batch_size")
+            and params[k] is not None}
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class _Encode:
+    """A sentence-transformers model as ``encode(texts) -> [n, d]`` (normalised)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def encode(self, texts: List[str]) -> np.ndarray:
+        return self.model.encode(texts, normalize_embeddings=True, show_progress_bar=False)
+
+
 def profile_stem(dataset: str, tag) -> str:
     """``<dataset>`` or ``<dataset>.<tag>``: profile sets of different generators live side by side."""
     return f"{dataset}.{tag}" if tag else dataset
@@ -114,6 +146,20 @@ def _words(text: str, n: int) -> str:
     return " ".join(text.split()[:n])
 
 
+
+def reward_summary(rows: list) -> dict:
+    """``{kind: {entities, k, chosen_reward, candidate_reward, well_formed}}`` of reward-table rows
+    ``[kind, entity, k, chosen, reward, collab, dist, well_formed, mean_reward]``."""
+    summary = {}
+    for kind in ("user", "item"):
+        mine = [r for r in rows if r[0] == kind]
+        if mine:
+            summary[kind] = {"entities": len(mine), "k": mine[0][2],
+                             "chosen_reward": float(np.mean([r[4] for r in mine])),
+                             "candidate_reward": float(np.mean([r[8] for r in mine])),
+                             "well_formed": float(np.mean([r[7] for r in mine]))}
+    return summary
+
 class ProfilesHook(PrepHook):
     """PtE's profile stage on the training split (``properties/hooks/pte_profiles.yaml``; spec PtE §3.2-§3.6)."""
 
@@ -121,13 +167,50 @@ class ProfilesHook(PrepHook):
     cli = "profiles"
     defaults_file = hook_defaults_file(name)
     uses_split = True
-    runtime_params = ("auto_run", "batch_size", "concurrency", "timeout", "max_retries", "api_key_env")
+    runtime_params = ("auto_run", "batch_size", "concurrency", "timeout", "max_retries", "api_key_env", "reward_log")
+    late_params = ("best_of_k", *REWARD_PARAMS)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        adapter = self.params["adapter"]
+        # a tuning hook's name: its adapter, made first (chained fingerprint; a model run that lacks it stops with
+        # the `prep sft` / `prep grpo` command)
+        self.requires = (adapter,) if adapter in TUNING_HOOKS else ()
+        if self.scored:  # bad K or reward settings fail at once, before any status check or generation
+            self.check_reward_settings()
 
     def outputs(self) -> List[str]:
         """User profiles ``{user: text}``, item profiles ``{item: text}``, user snapshots ``{user: {L: text}}``
-        (profiles of each user's first ``L`` items; empty when snapshots are off)."""
-        return [os.path.join(self.data_path, f"{profile_stem(self.dataset, self.params['tag'])}.{name}.json")
-                for name in ("userprof", "itemprof", "usersnap")]
+        (profiles of each user's first ``L`` items; empty when snapshots are off); with scored profiles
+        (``best_of_k`` >= 2 or ``reward_log: true``) also the candidate log (JSON lines) and the reward table (CSV)."""
+        stem = os.path.join(self.data_path, profile_stem(self.dataset, self.params["tag"]))
+        scored = ("profilelog.jsonl", "rewards.csv") if self.scored else ()
+        return [f"{stem}.{name}" for name in ("userprof.json", "itemprof.json", "usersnap.json", *scored)]
+
+    @property
+    def best_of_k(self) -> int:
+        k = self.params["best_of_k"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise PrepError(f"pte_profiles best_of_k {k!r}: 1 (off) or the number K >= 2 of sampled candidates per "
+                            f"entity (spec PtE §4.6), e.g. best_of_k=8")
+        return k
+
+    @property
+    def scored(self) -> bool:
+        log = self.params["reward_log"]
+        if log not in ("auto", True, False):
+            raise PrepError(f"pte_profiles reward_log {log!r}: auto (with best_of_k >= 2) | true | false")
+        return self.best_of_k >= 2 if log == "auto" else bool(log)
+
+    @functools.cached_property
+    def adapter_path(self):
+        """The adapter folder(s) of ``adapter`` (a tuning hook's name resolves to that hook's adapter)."""
+        adapter = self.params["adapter"]
+        if adapter in TUNING_HOOKS:
+            from recbole_llmfuse.dataset_prep.hooks import make_hook
+
+            return make_hook(adapter, self.config, self.data_path).adapter_dir
+        return adapter
 
     def auto_runs(self) -> bool:
         """``auto_run: auto``: only the template backend (seconds), never an LLM (hours at scale)."""
@@ -145,26 +228,49 @@ class ProfilesHook(PrepHook):
     def _item_file(self) -> str:
         return os.path.join(self.data_path, f"{self.dataset}.item")
 
+    def shaping_params(self) -> dict:
+        out = super().shaping_params()
+        if self.best_of_k == 1:  # the reward settings choose profiles only among K >= 2 candidates
+            out = {k: v for k, v in out.items() if k not in REWARD_PARAMS}
+        return out
+
     def fingerprint(self) -> dict:
-        return {"params": self.shaping_params(),
-                "item_file_sha256": sha256_file(self._item_file) if os.path.isfile(self._item_file) else None}
+        out = {"params": self.shaping_params(),
+               "item_file_sha256": sha256_file(self._item_file) if os.path.isfile(self._item_file) else None}
+        if self.adapter_path and self.params["adapter"] not in TUNING_HOOKS:  # a hook's adapter: its digest chains
+            from recbole_llmfuse.llm import adapter_digest
+
+            try:
+                out["adapter_sha256"] = adapter_digest(self.adapter_path)
+            except FileNotFoundError as err:
+                raise PrepError(f"pte_profiles adapter: {err}; give the folder PEFT's save_pretrained wrote, or "
+                                f"adapter=profiler_sft / adapter=profiler_grpo for this dataset's tuned profiler") from None
+        if self.best_of_k > 1:
+            out["reward_encoder"] = reward_encoder_params(self.config)
+        return out
 
     # -- generation --------------------------------------------------------------------------------------
     @functools.cached_property
     def _llm(self):
         p = self.params
         keys = {"hf": ("model", "gguf_file", "adapter", "batch_size"),
-                "openai": ("model", "base_url", "api_key_env", "concurrency", "timeout", "max_retries")}[p["backend"]]
-        return make_generator(p["backend"], progress=self._progress, **{k: p[k] for k in keys})
+                "openai": ("model", "base_url", "extra_body", "api_key_env", "concurrency", "timeout", "max_retries")}[p["backend"]]
+        return make_generator(p["backend"], progress=self._progress,
+                              **{k: self.adapter_path if k == "adapter" else p[k] for k in keys})
 
-    def _generate(self, kind: str, requests: List[dict]) -> List[str]:
-        """Texts of ``requests`` (prompt ``prompt_<kind>``; template backend: ``template_<kind>``), cached."""
+    def prompt(self, kind: str, request: dict) -> str:
+        """The text of prompt ``prompt_<kind>`` for ``request``."""
+        return self.params[f"prompt_{kind}"].format(domain=self.params["domain"], **request["prompt_fields"])
+
+    def _generate(self, kind: str, requests: List[dict], sampling: dict = None) -> List[str]:
+        """Texts of ``requests`` (prompt ``prompt_<kind>``; template backend: ``template_<kind>``), cached;
+        ``sampling``: other than the profile loop's greedy settings (best-of-K candidates)."""
         p = self.params
         for r in requests:
-            r["prompt"] = p[f"prompt_{kind}"].format(domain=p["domain"], **r["prompt_fields"])
+            r["prompt"] = self.prompt(kind, r)
         generator = TemplateGenerator(p[f"template_{kind}"]) if p["backend"] == "template" else self._llm
-        sampling = {"max_new_tokens": int(p["max_new_tokens"]), "temperature": float(p["temperature"]),
-                    "seed": int(p["seed"])}
+        sampling = sampling or {"max_new_tokens": int(p["max_new_tokens"]), "temperature": float(p["temperature"]),
+                                "seed": int(p["seed"])}
         result = cached_generate(generator, requests, sampling, self._cache)
         self._counts["generated"] += result["generated"]
         self._counts["cached"] += result["cached"]
@@ -178,40 +284,58 @@ class ProfilesHook(PrepHook):
         a, b = self._encode([old[k] for k in keys]), self._encode([new[k] for k in keys])
         return float(np.mean(1.0 - (a * b).sum(1)))
 
-    def _encode(self, texts: List[str]) -> np.ndarray:
+    def _encode(self, texts: List[str], reward: bool = False) -> np.ndarray:
         """L2-normalised encodings ``[n, d]``, each text encoded once and kept in the record cache (a cached
-        rerun of the whole step then encodes nothing and never loads the encoder)."""
-        keys = [self._vectors.key(self.params["encoder"], t) for t in texts]
+        rerun of the whole step then encodes nothing and never loads the encoder). ``reward``: with ``f_enc``, the
+        ``pte_embeddings`` encoder (rewards, spec §4.1); else with ``encoder`` (the change between rounds)."""
+        spec = reward_encoder_params(self.config) if reward else self.params["encoder"]
+        keys = [self._vectors.key(spec, t) for t in texts]
         found = self._vectors.get_many(keys)
         todo = sorted({k: i for i, k in enumerate(keys) if k not in found}.values())
         if todo:
-            if self._encoder is None:
+            vecs = self._encoder_for(reward).encode([texts[i] for i in todo])
+            fresh = {keys[i]: np.asarray(v, np.float32).tolist() for i, v in zip(todo, vecs)}
+            self._vectors.put_many(fresh)
+            found.update(fresh)
+        return _unit(np.asarray([found[k] for k in keys], dtype=np.float32))
+
+    def _encoder_for(self, reward: bool):
+        """``encode(texts) -> [n, d]`` of one of the two encoders (see :meth:`_encode`), loaded once."""
+        if reward not in self._encoders:
+            if reward:
+                from recbole_llmfuse.dataset_prep.embed import make_encoder
+
+                self._encoders[reward] = make_encoder(reward_encoder_params(self.config))
+            else:
                 from sentence_transformers import SentenceTransformer
 
                 from recbole_llmfuse.llm import resolve_model_path
 
-                self._encoder = SentenceTransformer(resolve_model_path(self.params["encoder"]), device="cpu")
-            vecs = self._encoder.encode([texts[i] for i in todo], normalize_embeddings=True, show_progress_bar=False)
-            fresh = {keys[i]: v.astype(np.float32).tolist() for i, v in zip(todo, vecs)}
-            self._vectors.put_many(fresh)
-            found.update(fresh)
-        return np.asarray([found[k] for k in keys], dtype=np.float32)
+                model = SentenceTransformer(resolve_model_path(self.params["encoder"]), device="cpu")
+                self._encoders[reward] = _Encode(model)
+        return self._encoders[reward]
 
     # -- the stage ---------------------------------------------------------------------------------------
-    def run(self, progress: bool = True, **_) -> dict:
-        p, start = self.params, time.perf_counter()
+    def setup(self, progress: bool = True) -> None:
+        """Caches, item texts, the training histories and the overlap neighbours (what every step reads)."""
+        p = self.params
         if p["backend"] not in ("hf", "openai", "template"):
             raise PrepError(f"pte_profiles backend '{p['backend']}': hf, openai or template")
         self._progress, self._counts = progress, {"generated": 0, "cached": 0}
         self._cache = self.cache("generations")
-        self._vectors, self._encoder = self.cache("encodings"), None
-        items = self._item_texts()
-        hist = self.split.user_histories()  # training interactions only (the leakage boundary, spec §3.1)
+        self._vectors, self._encoders = self.cache("encodings"), {}
+        self.items = self._item_texts()
+        self.hist = self.split.user_histories()  # training interactions only (the leakage boundary, spec §3.1)
+        self.neighbors = overlap_neighbors(self.hist, int(p["num_neighbors"]), p["neighbor_score"])
+        self.item_users = self._item_users(self.hist)
+
+    def run(self, progress: bool = True, **_) -> dict:
+        p, start = self.params, time.perf_counter()
+        self.setup(progress)
+        items, hist, neighbors, item_users = self.items, self.hist, self.neighbors, self.item_users
         users = sorted(hist)
-        neighbors = overlap_neighbors(hist, int(p["num_neighbors"]), p["neighbor_score"])
         user_p = dict(zip(users, self._generate("user", [self._user_request(hist[u], neighbors[u], hist, items)
                                                                for u in users])))
-        item_users = self._item_users(hist)
         item_keys = list(items) if p["item_profiles"] else []  # false: "User-only Profiling" (spec §11)
         item_p = dict(zip(item_keys, self._generate("item", [self._item_request(i, items, item_users, user_p)
                                                              for i in item_keys])))
@@ -227,6 +351,9 @@ class ProfilesHook(PrepHook):
             user_p, item_p = new_u, new_i
             if d_u < float(p["tol"]) and d_i < float(p["tol"]):
                 break
+        scores = self._best_of_k(user_p, item_p) if self.scored else None
+        if scores:
+            user_p, item_p = scores["profiles"]["user"], scores["profiles"]["item"]
         snaps = self._snapshots(hist, items) if self.snapshots_on else {}
         malformed = {}
         if p["backend"] != "template":  # flagged, kept as written (spec §3.3; no sampled retry here)
@@ -243,8 +370,140 @@ class ProfilesHook(PrepHook):
                   "malformed": {k: len(v) for k, v in malformed.items()}, "malformed_ids": malformed,
                   "converged": bool(rounds) and rounds[-1]["user_change"] < float(p["tol"])
                   and rounds[-1]["item_change"] < float(p["tol"]), "seconds": time.perf_counter() - start}
+        if scores:
+            report["rewards"] = scores["summary"]
         self.write_manifest({"report": report})
         return report
+
+    # -- rewards and best-of-K (spec §4.3, §4.6) ---------------------------------------------------------
+    def final_requests(self, kind: str, user_p: Dict[str, str], item_p: Dict[str, str]) -> Tuple[str, Dict[str, dict]]:
+        """``(prompt kind, {entity: request})`` of the prompts the final profiles of ``kind`` come from: users'
+        refinement prompt (history + item profiles ``p_v*``; the Eq.-6 prompt when there are no rounds or item
+        profiles), items' Eq.-7 prompt on the final user profiles. GRPO trains on these (spec §4.2)."""
+        if kind == "user":
+            if item_p and int(self.params["max_rounds"]) > 0:
+                return "user_refine", {u: self._refine_request(u, self.hist, self.items, item_p) for u in user_p}
+            return "user", {u: self._user_request(self.hist[u], self.neighbors.get(u, []), self.hist, self.items)
+                            for u in user_p}
+        return "item", {i: self._item_request(i, self.items, self.item_users, user_p) for i in item_p}
+
+    def check_reward_settings(self) -> None:
+        """The reward settings are usable (checked before any generation)."""
+        p = self.params
+        if p["reward_items"] not in ("profile", "metadata", "both"):
+            raise PrepError(f"pte_profiles reward_items '{p['reward_items']}': profile | metadata | both")
+        for key in ("lambda_c", "lambda_d"):
+            if isinstance(p[key], bool) or not isinstance(p[key], (int, float)):
+                raise PrepError(f"pte_profiles {key} {p[key]!r} is not a number: give the reward weight, e.g. "
+                                f"{key}=0.5 (spec PtE Eq. 9; 0 = the ablation without that term)")
+        if p["format_guard"] not in ("fields", "words", "off"):
+            raise PrepError(f"pte_profiles format_guard '{p['format_guard']}': fields | words | off")
+
+    def reward_model(self, kind: str, user_p: Dict[str, str], item_p: Dict[str, str]):
+        """Eq. 9-11 for ``kind`` with ``f_enc`` (the ``pte_embeddings`` encoder): users against their last 50
+        training items (item profile ``p_v*``, else the item's text; ``reward_items``) and their overlap
+        neighbours' profiles; items against their users' profiles (metadata-only items: their own text) and the
+        items sharing most of their users (spec §4.5)."""
+        from recbole_llmfuse.dataset_prep.pte_rewards import ProfileReward
+
+        p = self.params
+        self.check_reward_settings()
+        guard = {"fields": lambda t: well_formed(t, kind), "words": lambda t: len(t.split()) >= 10,
+                 "off": None}[p["format_guard"]]
+
+        def item_vecs(keys: List[str]) -> np.ndarray:
+            meta = self._encode([self.items.get(i, (i, i))[1] for i in keys], reward=True)
+            if p["reward_items"] == "metadata" or not item_p:
+                return meta
+            prof = self._encode([item_p.get(i) or self.items.get(i, (i, i))[1] for i in keys], reward=True)
+            return prof if p["reward_items"] == "profile" else _unit(prof + meta)
+
+        if kind == "user":
+            keys = sorted(user_p)
+            recent = {u: self.hist[u][-50:] for u in keys}
+            vocab = sorted({i for seq in recent.values() for i in seq})
+            row = {i: n for n, i in enumerate(vocab)}
+            table = item_vecs(vocab) if vocab else np.zeros((0, 1), np.float32)
+            targets = {u: table[[row[i] for i in recent[u]]] for u in keys}
+            neighbors = {u: [w for w, _, _ in self.neighbors.get(u, [])] for u in keys}
+            own = dict(zip(keys, self._encode([user_p[u] for u in keys], reward=True)))
+        else:
+            keys = sorted(item_p)
+            users = sorted(user_p)
+            uvec = dict(zip(users, self._encode([user_p[u] for u in users], reward=True)))
+            meta = dict(zip(keys, self._encode([self.items[i][1] for i in keys], reward=True)))
+            targets = {i: np.stack([uvec[u] for u in self.item_users[i] if u in uvec])
+                       if any(u in uvec for u in self.item_users.get(i, [])) else meta[i][None] for i in keys}
+            near = overlap_neighbors({i: self.item_users.get(i, []) for i in keys}, 10)
+            neighbors = {i: [w for w, _, _ in near[i]] for i in keys}
+            own = dict(zip(keys, self._encode([item_p[i] for i in keys], reward=True)))
+        return ProfileReward(lambda texts: self._encode(texts, reward=True), targets, neighbors, own,
+                             float(p["lambda_c"]), float(p["lambda_d"]), guard)
+
+    def _best_of_k(self, user_p: Dict[str, str], item_p: Dict[str, str]) -> dict:
+        """Spec §4.6: for every user (and item), ``best_of_k`` candidates sampled from the final prompts
+        (candidate ``j``: temperature ``best_of_k_temperatures[j % T]``, seed ``seed + j``), scored with
+        Eq. 9-11; the top-reward one becomes the profile. ``best_of_k: 1`` scores the loop's profiles as they
+        are (``reward_log: true``: the rewards of untuned profiles, for comparisons). Writes the candidate log
+        (chosen text, every candidate's text, rewards and sampling) and the per-entity reward table."""
+        import csv
+        import io
+
+        from recbole_llmfuse.dataset_prep.hooks import atomic_write_text as write
+
+        p, k = self.params, self.best_of_k
+        temps = [float(t) for t in (p["best_of_k_temperatures"] or [p["temperature"]])]
+        profiles = {"user": dict(user_p), "item": dict(item_p)}
+        log, rows = [], []
+        for kind in ("user", "item"):
+            if not profiles[kind]:
+                continue
+            # best_of_k_items false: items keep the loop's profile (still scored)
+            k_kind = k if kind == "user" or p["best_of_k_items"] else 1
+            rewarder = self.reward_model(kind, user_p, item_p)
+            prompt_kind, requests = self.final_requests(kind, user_p, item_p)
+            keys = sorted(requests)
+            cands: List[List[Tuple[str, dict]]] = [[] for _ in keys]
+            if k_kind == 1:
+                for n, key in enumerate(keys):
+                    cands[n].append((profiles[kind][key], {"temperature": float(p["temperature"]), "seed": int(p["seed"])}))
+            else:
+                for j in range(k_kind):
+                    sampling = {"max_new_tokens": int(p["max_new_tokens"]), "temperature": temps[j % len(temps)],
+                                "top_p": float(p["best_of_k_top_p"]), "seed": int(p["seed"]) + j}
+                    texts = self._generate(prompt_kind, [dict(requests[key]) for key in keys], sampling)
+                    for n, text in enumerate(texts):
+                        cands[n].append((text, {"temperature": sampling["temperature"], "seed": sampling["seed"]}))
+            flat = [(key, text) for key, group in zip(keys, cands) for text, _ in group]
+            scored = rewarder.score([f for f, _ in flat], [t for _, t in flat])
+            for n, key in enumerate(keys):
+                group = scored[n * k_kind:(n + 1) * k_kind]
+                best = int(np.argmax([s["reward"] for s in group]))  # ties: the first candidate
+                profiles[kind][key] = cands[n][best][0]
+                log.append({"kind": kind, "entity": key, "chosen": best, "text": cands[n][best][0],
+                            "candidates": [{"text": t, **samp, **{c: s[c] for c in ("reward", "collab", "dist",
+                                                                                     "well_formed")}}
+                                           for (t, samp), s in zip(cands[n], group)]})
+                rows.append([kind, key, k_kind, best, *(group[best][c] for c in ("reward", "collab", "dist")),
+                             group[best]["well_formed"], float(np.mean([s["reward"] for s in group]))])
+        log_path, csv_path = self.outputs()[3:5]
+        write(log_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in log))
+        buf = io.StringIO()
+        out = csv.writer(buf)
+        out.writerow(["kind", "entity", "k", "chosen", "reward", "collab", "dist", "well_formed", "mean_reward"])
+        out.writerows(rows)
+        write(csv_path, buf.getvalue())
+        return {"profiles": profiles, "summary": reward_summary(rows)}
+
+    def rewards(self) -> dict:
+        """Per kind, the mean reward of the chosen profiles and of all candidates, from the reward table of a
+        made (scored) profile set: the figures a report gives, also when the set was made by an earlier run."""
+        import csv
+
+        with open(self.outputs()[4], newline="") as f:
+            rows = [[r["kind"], r["entity"], int(r["k"]), int(r["chosen"]), float(r["reward"]), float(r["collab"]),
+                     float(r["dist"]), r["well_formed"] == "True", float(r["mean_reward"])] for r in csv.DictReader(f)]
+        return reward_summary(rows)
 
     def _snapshots(self, hist: Dict[str, List[str]], items) -> Dict[str, Dict[str, str]]:
         """Leakage-safe user profiles of prefixes (spec §5.1.1): for each user and each ``L`` of
@@ -349,7 +608,7 @@ class ProfileEmbeddingHook(PrepHook):
         from recbole_llmfuse.dataset_prep.embed import make_encoder
 
         start = time.perf_counter()
-        user_path, item_path, snap_path = self._profiles.outputs()
+        user_path, item_path, snap_path = self._profiles.outputs()[:3]
         tables = []
         for path in (user_path, item_path, snap_path):
             try:

@@ -184,6 +184,7 @@ def _reduce(x: np.ndarray, fit: np.ndarray, dims: int, seed: int) -> np.ndarray:
 
     scaler = StandardScaler().fit(x[fit])
     z = scaler.transform(x)
+    dims = min(dims, int(np.sum(fit)))  # PCA has at most as many components as fitted rows (small spaces)
     if z.shape[1] > dims:
         z = PCA(dims, random_state=seed).fit(z[fit]).transform(z)
     return z

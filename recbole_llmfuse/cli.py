@@ -133,13 +133,16 @@ def _models(_args) -> int:
 
 
 #: `recbole-llmfuse prep <shortcut>` = `prep hook <name>`
-PREP_SHORTCUTS = {"embed": "item_text_embedding", "profiles": "pte_profiles"}
+PREP_SHORTCUTS = {"embed": "item_text_embedding", "profiles": "pte_profiles", "sft": "profiler_sft",
+                  "grpo": "profiler_grpo"}
 
 
 def _add_prep_arguments(prep: argparse.ArgumentParser) -> None:
     sub = prep.add_subparsers(dest="prep_command", required=True)
     for name, help_text in (("embed", "item text embeddings -> <dataset>.itememb(.npz)"),
                             ("profiles", "PtE's LLM-written user and item profiles -> <dataset>.userprof/itemprof.json"),
+                            ("sft", "PtE's profiler, LoRA SFT on the teacher profiles -> <dataset>.profiler_sft/"),
+                            ("grpo", "PtE's profiler, GRPO with the Eq. 9-11 reward -> <dataset>.profiler_grpo/"),
                             ("hook", "any hook by name")):
         p = sub.add_parser(name, help=help_text)
         if name == "hook":

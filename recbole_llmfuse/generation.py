@@ -52,34 +52,24 @@ class HFGenerator:
     def __init__(self, model: str, gguf_file: Optional[str] = None, adapter: Optional[str] = None,
                  device: Optional[str] = None, dtype: Optional[str] = None, batch_size: int = 8,
                  chat_template: bool = True, progress: bool = True, **_):
-        from recbole_llmfuse.llm import default_device, default_gguf_file, load_tokenizer
+        from recbole_llmfuse.llm import adapter_digest, default_device, default_gguf_file, load_tokenizer
 
         self.device = device or default_device()
         self.tokenizer = load_tokenizer(model, gguf_file)
         self.tokenizer.padding_side = "left"  # generation continues every row from its last token
         self._load = (model, default_gguf_file(model, gguf_file), adapter, dtype)
-        self.name = f"hf:{model}|{self._load[1]}|{adapter}"
+        # adapter: one folder or a list (merged in order); its weights' digest keys the cache (a retuned adapter at
+        # the same path is another model)
+        self.name = f"hf:{model}|{self._load[1]}|{adapter_digest(adapter)}"
         self.batch_size, self.chat, self.progress = int(batch_size), bool(chat_template), progress
 
     @functools.cached_property
     def model(self):
         """Loaded on first use: a rerun whose records are all cached never loads the weights."""
-        from transformers import AutoModelForCausalLM
-
-        from recbole_llmfuse.llm import dtype_kwarg, resolve_model_path, torch_dtype
+        from recbole_llmfuse.llm import load_causal_lm
 
         model, gguf_file, adapter, dtype = self._load
-        kwargs = {dtype_kwarg(): torch_dtype(dtype, self.device)}
-        if gguf_file:
-            from transformers import GgufConfig
-
-            kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
-        net = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), **kwargs).to(self.device).eval()
-        if adapter:
-            from peft import PeftModel
-
-            net = PeftModel.from_pretrained(net, adapter).eval()
-        return net
+        return load_causal_lm(model, self.device, dtype, gguf_file, adapters=adapter)
 
     def fingerprint(self) -> str:
         from recbole_llmfuse.llm import tokenizer_fingerprint
@@ -150,7 +140,8 @@ class OpenAIGenerator:
         self.concurrency, self.extra_body, self.progress = max(1, int(concurrency)), extra_body or {}, progress
 
     def fingerprint(self) -> str:
-        return f"openai:{self.base_url}|{self.model}|{'chat' if self.chat else 'completion'}"
+        extra = f"|{json.dumps(self.extra_body, sort_keys=True)}" if self.extra_body else ""  # it can change outputs
+        return f"openai:{self.base_url}|{self.model}|{'chat' if self.chat else 'completion'}{extra}"
 
     def _one(self, prompt: str, sampling: dict):
         kwargs = {"model": self.model, "max_tokens": int(sampling.get("max_new_tokens", 128)),

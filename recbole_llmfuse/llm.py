@@ -70,11 +70,14 @@ def torch_dtype(name: Optional[str], device: str):
 
 
 def load_tokenizer(name: str, gguf_file: Optional[str] = None):
-    """The tokenizer of a local model (GGUF included); pad token = EOS when it has none, right padding."""
+    """The tokenizer of a local model (GGUF included); EOS = SEP and pad token = EOS when it has none, right padding
+    (trainers and generation need both)."""
     from transformers import AutoTokenizer
 
     gguf_file = default_gguf_file(name, gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), **({"gguf_file": gguf_file} if gguf_file else {}))
+    if tokenizer.eos_token is None and tokenizer.sep_token is not None:  # BERT-style vocabularies: [SEP] ends a text
+        tokenizer.eos_token = tokenizer.sep_token
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -102,3 +105,71 @@ def load_decoder(name: str, device: str = "cpu", dtype: Optional[str] = None, gg
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     return AutoModel.from_pretrained(resolve_model_path(name), **kwargs).to(device)
+
+
+#: written into a PEFT adapter folder trained on top of other adapters (PtE's GRPO adapter on the SFT one): the
+#: adapters to merge, in order, before this one is applied
+ADAPTER_CHAIN_FILE = "adapter_chain.json"
+
+
+def adapter_chain(adapters) -> list:
+    """The PEFT adapter folders to apply, in order, for ``adapters`` (one folder, a list, or None): a folder whose
+    ``adapter_chain.json`` names the adapters it was trained on top of is preceded by them."""
+    if not adapters:
+        return []
+    out = []
+    for path in [adapters] if isinstance(adapters, str) else list(adapters):
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise FileNotFoundError(f"adapter {path}: not a PEFT adapter folder (no adapter_config.json)")
+        chain_file = os.path.join(path, ADAPTER_CHAIN_FILE)
+        if os.path.isfile(chain_file):
+            with open(chain_file) as f:  # paths relative to this adapter's folder (the pair moves together)
+                out += adapter_chain([os.path.normpath(os.path.join(path, p)) for p in json.load(f)["base_adapters"]])
+        out.append(path)
+    return out
+
+
+def load_causal_lm(name: str, device: str = "cpu", dtype: Optional[str] = None, gguf_file: Optional[str] = None,
+                   adapters=None, trainable: bool = False):
+    """A causal LM (with its LM head) of a local model on ``device`` in ``dtype``; GGUF weights de-quantised into
+    a plain dense model that trainers accept. ``adapters`` (see :func:`adapter_chain`): all but the last are
+    merged into the weights; the last stays a PEFT adapter (``trainable``: its weights get gradients, e.g. to
+    resume tuning) unless ``trainable`` is None, when it is merged too (a plain model: the starting point of a
+    new adapter whose reference model is this one)."""
+    from transformers import AutoModelForCausalLM
+
+    gguf_file = default_gguf_file(name, gguf_file)
+    kwargs = {dtype_kwarg(): torch_dtype(dtype, device)}
+    if gguf_file:
+        from transformers import GgufConfig
+
+        kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
+    net = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), **kwargs).to(device)
+    chain = adapter_chain(adapters)
+    if chain:
+        from peft import PeftModel
+
+        for i, path in enumerate(chain):
+            last = i == len(chain) - 1
+            net = PeftModel.from_pretrained(net, path, is_trainable=bool(trainable) and last)
+            if not last or trainable is None:
+                net = net.merge_and_unload()
+    return net if trainable else net.eval()
+
+
+def adapter_digest(adapters) -> Optional[str]:
+    """SHA-256 over the files of every adapter of :func:`adapter_chain` (retuned weights at the same path are a
+    new model: generation caches and fingerprints must see it). None without adapters."""
+    chain = adapter_chain(adapters)
+    if not chain:
+        return None
+    h = hashlib.sha256()
+    for path in chain:
+        for name in sorted(os.listdir(path)):
+            full = os.path.join(path, name)
+            if os.path.isfile(full) and (name.startswith("adapter_") or name == ADAPTER_CHAIN_FILE):
+                h.update(name.encode())
+                with open(full, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+    return h.hexdigest()
