@@ -10,9 +10,14 @@ Inputs are the public gzip JSON-lines files of one category:
 
 Processing order: parse (a malformed line stops with file and line number, or is counted and skipped
 with ``skip_bad_lines``) -> keep ratings >= ``min_rating`` -> drop exact duplicate (user, item) reviews,
-keeping the earliest -> optionally drop items without a title -> iterative k-core (``user_k``,
-``item_k``) -> optionally keep each user's last ``last_n`` interactions -> write, chronological per user.
-Text fields are cleaned (HTML entities and tags, whitespace, tabs) and cut to ``max_text_chars``.
+keeping the earliest -> optionally drop items without a title -> k-core (``user_k``, ``item_k``; iterated to
+a fixed point, or ``k_core_passes`` passes) -> optionally keep each user's last ``last_n`` interactions (or
+before the k-core: ``cap_first``) -> write, chronological per user. Text fields are cleaned (HTML entities
+and tags, whitespace, tabs) and cut to ``max_text_chars``; otherwise they are kept as written (quotes too:
+atomic files have no quoting).
+
+:data:`RECIPES` hold each paper's filters (``prep amazon --recipe pad|faerec|hdrec|pte``), from the specs'
+data sections, and :data:`PAPER_STATS` the statistics the papers report, printed beside ours.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import os
 import re
 import shutil
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from logging import getLogger
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -79,10 +84,50 @@ class AmazonOptions:
     min_rating: Optional[float] = None  # PAD: 4 (ratings > 3)
     user_k: int = 0
     item_k: int = 0
+    k_core_passes: Optional[int] = None  # None: iterate to a fixed point; 1: LLM-ESR's single pass
     last_n: Optional[int] = None  # PAD: 23
+    cap_first: bool = False  # keep the last ``last_n`` before the k-core (HDRec's order)
     drop_no_title: bool = False
     skip_bad_lines: bool = False
     max_text_chars: int = 2000
+
+
+#: Each paper's Amazon preprocessing in one flag. ``source``: where each value comes from.
+RECIPES: Dict[str, dict] = {
+    "pad": {"options": {"min_rating": 4.0, "user_k": 5, "item_k": 0, "last_n": 23},
+            "source": "PAD App. A (spec PAD 7.2): ratings > 3, users >= 5 (no item filter), each user's latest 23"},
+    "faerec": {"options": {"user_k": 3, "item_k": 3, "k_core_passes": 1},
+               "source": "FAERec code = LLM-ESR (spec FAERec 7.2): all ratings, one pass dropping users and items "
+                         "with < 3 raw interactions"},
+    "hdrec": {"options": {"drop_no_title": True, "last_n": 30, "cap_first": True, "user_k": 5, "item_k": 5},
+              "source": "HDRec code + proposal (spec HDRec data): items with a title, each user's last 30 by time, "
+                        "then users and items >= 5 iterated; start from the 5-core review file {stem}_5.json.gz"},
+    "pte": {"options": {"user_k": 3, "item_k": 3, "k_core_passes": 1},
+            "source": "PtE long-tail setting = LLM-ESR's data (spec PtE 7.2): all ratings, one 3/3 pass; the "
+                      "cold-start setting's filters are not stated (spec PtE 7.1)"},
+}
+
+#: (recipe, short name) -> (users, items, interactions) the paper reports (its Table 1)
+PAPER_STATS: Dict[Tuple[str, str], Tuple[int, int, int]] = {
+    ("pad", "pantry"): (12871, 8347, 115004), ("pad", "electronics"): (598307, 423191, 5137265),
+    ("faerec", "beauty"): (52204, 57289, 394908), ("faerec", "grocery"): (32126, 39264, 275256),
+    ("hdrec", "arts"): (55490, 22303, 472676), ("hdrec", "scientific"): (10623, 4971, 73914),
+    ("hdrec", "instruments"): (27321, 10360, 224680), ("hdrec", "pantry"): (14145, 4933, 130775),
+    ("hdrec", "games"): (54721, 16835, 463840), ("pte", "beauty"): (52204, 57289, 394908),
+}
+
+#: the recipe a model's paper uses (the missing-dataset message proposes it)
+MODEL_RECIPES = {"PAD": "pad", "FAERec": "faerec", "HDRec": "hdrec", "PtE": "pte"}
+
+
+def prep_command(name: str, model: Optional[str], out: str) -> str:
+    """The ``prep amazon`` command that makes dataset ``name`` under ``out`` (a known short name gets its
+    category's 2018 file names; ``model`` its paper's recipe)."""
+    category = CATEGORIES.get(name)
+    files = (f"--reviews {category}.json.gz --meta meta_{category}.json.gz" if category
+             else "--reviews REVIEWS.json.gz --meta META.json.gz")
+    recipe = f" --recipe {MODEL_RECIPES[model]}" if model in MODEL_RECIPES else ""
+    return f"recbole-llmfuse prep amazon --name {name}{recipe} {files} --out {out}"
 
 
 @dataclass
@@ -102,7 +147,8 @@ class ConversionReport:
     def density(self) -> float:
         return self.interactions / max(1, self.users * self.items)
 
-    def table(self) -> str:
+    def table(self, paper: Optional[Tuple[int, int, int]] = None, paper_label: str = "paper") -> str:
+        """A markdown table of the statistics (and the paper's own row when given), then the notes."""
         notes = [f"{self.reviews_read:,} reviews read", f"{sum(self.bad_lines.values()):,} malformed lines skipped",
                  f"{self.duplicates:,} duplicate reviews (earliest kept)",
                  f"{self.merged_metadata:,} repeated metadata records merged (first non-empty value per field)",
@@ -111,20 +157,21 @@ class ConversionReport:
         return (
             "| dataset | users | items | interactions | density | avg. length |\n|---|---|---|---|---|---|\n"
             f"| {self.name} | {self.users:,} | {self.items:,} | {self.interactions:,} | {self.density:.4%} | "
-            f"{self.interactions / max(1, self.users):.2f} |\n" + "; ".join(notes)
+            f"{self.interactions / max(1, self.users):.2f} |\n"
+            + (f"| {paper_label} | {paper[0]:,} | {paper[1]:,} | {paper[2]:,} | "
+               f"{paper[2] / max(1, paper[0] * paper[1]):.4%} | {paper[2] / max(1, paper[0]):.2f} |\n" if paper else "")
+            + "; ".join(notes)
         )
 
 
 def clean_text(value, limit: int) -> str:
-    """Text of a metadata field (str or list of str): HTML unescaped, tags dropped, one line, no leading double
-    quote, cut to ``limit``."""
+    """Text of a metadata field (str or list of str): HTML unescaped, tags dropped, one line, cut to ``limit``."""
     if value is None:
         return ""
     if isinstance(value, (list, tuple)):
         value = " ".join(clean_text(v, limit) for v in value if v)
     text = html.unescape(_TAG.sub(" ", html.unescape(str(value))))
-    # one line; a leading double quote would make RecBole's reader take the field for a quoted one
-    text = _SPACE.sub(" ", text).strip().lstrip('"').lstrip()
+    text = _SPACE.sub(" ", text).strip()  # one line; quotes stay (atomic fields are literal)
     return text[:limit].rstrip()
 
 
@@ -139,9 +186,24 @@ def parse_price(value) -> str:
 
 def read_json_lines(path: str, skip_bad_lines: bool, bad: Dict[str, int]) -> Iterator[dict]:
     """Records of a (gzip) JSON-lines file; Python-literal lines (older Amazon dumps) are accepted too."""
+    import zlib
+
     opener = gzip.open if path.endswith(".gz") else open
+    lineno = 0
     with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+        lines = iter(f)
+        while True:
+            try:
+                line = next(lines)
+            except StopIteration:
+                break
+            except (EOFError, zlib.error, gzip.BadGzipFile) as err:  # a cut download: nothing after it is readable
+                raise ConfigError(f"{path}: damaged or truncated gzip after line {lineno} ({err or type(err).__name__}); "
+                                  f"fetch the file again (nothing was written)") from None
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{path}, line {lineno + 1}: bytes that are not UTF-8 ({err.reason}); these files "
+                                  f"are UTF-8 JSON lines: fetch the file again (nothing was written)") from None
+            lineno += 1
             line = line.strip()
             if not line:
                 continue
@@ -163,22 +225,78 @@ def read_json_lines(path: str, skip_bad_lines: bool, bad: Dict[str, int]) -> Ite
                 bad[path] = bad.get(path, 0) + 1
 
 
-def _k_core(rows: List[tuple], user_k: int, item_k: int) -> List[tuple]:
+def _k_core(rows: List[tuple], user_k: int, item_k: int, passes: Optional[int] = None) -> List[tuple]:
+    """Rows whose user has >= ``user_k`` and item >= ``item_k`` rows: iterated to a fixed point (``passes``
+    None), or ``passes`` times (1: LLM-ESR's single pass over the raw counts)."""
     from collections import Counter
 
-    while user_k > 1 or item_k > 1:
+    done = 0
+    while (user_k > 1 or item_k > 1) and (passes is None or done < passes):
         users, items = Counter(r[0] for r in rows), Counter(r[1] for r in rows)
         kept = [r for r in rows if users[r[0]] >= user_k and items[r[1]] >= item_k]
+        done += 1
         if len(kept) == len(rows):
             break
         rows = kept
     return rows
 
 
-def convert(name: str, reviews: str, meta: Optional[str], out_dir: str, options: AmazonOptions) -> ConversionReport:
-    """Write ``<out_dir>/<name>/<name>.inter`` and ``.item``; returns the statistics."""
+def _last_n(rows: List[tuple], n: Optional[int]) -> List[tuple]:
+    """Each user's last ``n`` rows in time (rows sorted by user, time, item; stable)."""
+    rows = sorted(rows, key=lambda r: (r[0], r[3], r[1]))
+    if not n:
+        return rows
+    by_user: Dict[str, List[tuple]] = {}
+    for r in rows:
+        by_user.setdefault(r[0], []).append(r)
+    return [r for user_rows in by_user.values() for r in user_rows[-n:]]
+
+
+#: beside the atomic files: the settings and statistics of the conversion that wrote them
+RECORD_SUFFIX = "amazon.json"
+
+
+def _settings(reviews: str, meta: Optional[str], options: AmazonOptions) -> dict:
+    from dataclasses import asdict
+
+    files = {k: {"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for k, p in (("reviews", reviews), ("meta", meta))
+             if p}
+    return {"options": asdict(options), "inputs": files}
+
+
+def check_target(folder: str, name: str, settings: dict, force: bool) -> Optional[dict]:
+    """Nothing there (None), or the same conversion made before (its record: nothing to do); anything else
+    there is refused unless ``force``: a user's (perhaps hand-edited) dataset is never replaced silently."""
+    present = [f"{name}.{s}" for s in ("inter", "item") if os.path.exists(os.path.join(folder, f"{name}.{s}"))]
+    if not present or force:
+        return None
+    record = None
+    try:
+        with open(os.path.join(folder, f"{name}.{RECORD_SUFFIX}")) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        pass
+    if record and record.get("settings") == settings and all(
+            record.get("sizes", {}).get(f) == os.path.getsize(os.path.join(folder, f)) for f in present):
+        return record
+    why = ("made by prep amazon with other settings or inputs" if record else "not made by prep amazon")
+    raise ConfigError(f"{folder} already holds {', '.join(present)} ({why}); pass --force to replace them, or "
+                      f"choose another --name or --out")
+
+
+def convert(name: str, reviews: str, meta: Optional[str], out_dir: str, options: AmazonOptions,
+            force: bool = False) -> ConversionReport:
+    """Write ``<out_dir>/<name>/<name>.inter`` and ``.item`` (and ``<name>.amazon.json``, the settings); returns
+    the statistics. An existing dataset there is refused unless ``force`` (see :func:`check_target`); the same
+    conversion again returns the recorded statistics and writes nothing."""
     if options.version not in SCHEMA:
         raise ConfigError(f"version must be 2018 or 2023, not {options.version!r}")
+    folder = os.path.join(out_dir, name)
+    settings = _settings(reviews, meta, options)
+    made = check_target(folder, name, settings, force)
+    if made:
+        getLogger().info(f"{folder}: made before with the same settings; nothing to do (--force to redo)")
+        return ConversionReport(**made["report"])
     u_key, i_key, r_key, t_key, t_div = SCHEMA[options.version]["review"]
     bad: Dict[str, int] = {}
     rows, seen, duplicates, read = [], {}, 0, 0
@@ -235,18 +353,14 @@ def convert(name: str, reviews: str, meta: Optional[str], out_dir: str, options:
     no_title = {i for i in {r[1] for r in rows} if not meta_rows.get(i, ("",))[0]}
     if options.drop_no_title:
         rows = [r for r in rows if r[1] not in no_title]
-    rows = _k_core(rows, options.user_k, options.item_k)
+    if options.cap_first:
+        rows = _last_n(rows, options.last_n)
+    rows = _k_core(rows, options.user_k, options.item_k, options.k_core_passes)
     if not rows:
         raise ConfigError(f"{reviews}: {read} records read, but the filters (--min_rating, --k_core, --drop_no_title) "
                           f"leave no interaction. Loosen them; nothing was written.")
-    rows.sort(key=lambda r: (r[0], r[3], r[1]))
-    if options.last_n:
-        by_user: Dict[str, List[tuple]] = {}
-        for r in rows:
-            by_user.setdefault(r[0], []).append(r)
-        rows = [r for user_rows in by_user.values() for r in user_rows[-options.last_n:]]
+    rows = _last_n(rows, None if options.cap_first else options.last_n)
 
-    folder = os.path.join(out_dir, name)
     os.makedirs(folder, exist_ok=True)
     items = sorted({r[1] for r in rows})
     inter = [INTER_HEADER] + [f"{u}\t{i}\t{r:g}\t{t}" for u, i, r, t in rows]
@@ -256,15 +370,20 @@ def convert(name: str, reviews: str, meta: Optional[str], out_dir: str, options:
     try:
         for suffix, lines in (("inter", inter), ("item", item)):
             atomic_write(os.path.join(tmp, f"{name}.{suffix}"), lambda f: f.write(("\n".join(lines) + "\n").encode("utf-8")))
-        for suffix in ("inter", "item"):
-            os.replace(os.path.join(tmp, f"{name}.{suffix}"), os.path.join(folder, f"{name}.{suffix}"))
+        report = ConversionReport(
+            name=name, users=len({r[0] for r in rows}), items=len(items), interactions=len(rows), bad_lines=bad,
+            duplicates=duplicates, items_without_title=len(no_title),
+            items_dropped_no_title=len(no_title) if options.drop_no_title else 0, merged_metadata=merged,
+            reviews_read=read)
+        sizes = {f"{name}.{s}": os.path.getsize(os.path.join(tmp, f"{name}.{s}")) for s in ("inter", "item")}
+        record = {"settings": settings, "sizes": sizes, "report": asdict(report)}
+        atomic_write(os.path.join(tmp, f"{name}.{RECORD_SUFFIX}"),
+                     lambda f: f.write(json.dumps(record, indent=1).encode("utf-8")))
+        # the record last: a conversion cut between the renames is not taken for a finished one
+        for fname in (f"{name}.inter", f"{name}.item", f"{name}.{RECORD_SUFFIX}"):
+            os.replace(os.path.join(tmp, fname), os.path.join(folder, fname))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report = ConversionReport(
-        name=name, users=len({r[0] for r in rows}), items=len(items), interactions=len(rows), bad_lines=bad,
-        duplicates=duplicates, items_without_title=len(no_title),
-        items_dropped_no_title=len(no_title) if options.drop_no_title else 0, merged_metadata=merged, reviews_read=read,
-    )
     getLogger().info("\n" + report.table())
     return report
 

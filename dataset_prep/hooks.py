@@ -404,8 +404,14 @@ class PrepHook:
     @contextlib.contextmanager
     def lock(self):
         """Exclusive per-dataset, per-hook lock (waits for another producer, then re-checks)."""
-        os.makedirs(self.data_path, exist_ok=True)
-        with open(self.lock_path, "a") as f:
+        try:
+            os.makedirs(self.data_path, exist_ok=True)
+            handle = open(self.lock_path, "a")
+        except PermissionError:
+            raise PrepError(f"{self.data_path} is not writable, and prep hook {self.name} must write "
+                            f"{os.path.basename(self.outputs()[0])} there; make the folder writable, or copy the "
+                            f"dataset to a writable folder and pass --data_path") from None
+        with handle as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

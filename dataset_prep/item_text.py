@@ -51,7 +51,7 @@ def sha256_file(path: str) -> str:
 def read_item_file(path: str, id_field: str = "item_id") -> tuple:
     """``(columns, rows)`` of a RecBole ``.item`` file: column names without ``:type``, rows as dicts."""
     csv.field_size_limit(sys.maxsize)
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         try:
             header = next(reader)
@@ -92,6 +92,9 @@ def build_item_texts(
     else:
         if isinstance(fields, str):  # one column from a command line (--item_text_fields=movie_title), or "a,b"
             fields = [f.strip() for f in fields.split(",") if f.strip()]
+        if fields is not None and not fields:  # [] or "": not "all columns" in disguise
+            raise ItemTextError(f"item_text_fields is empty; name the {path} columns to embed (its columns: "
+                                f"{columns}), or leave it unset (~) for all of them")
         fields = list(fields) if fields else [c for c in columns if c != id_field]
         unknown = sorted(set(fields) - set(columns))
         if unknown:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
@@ -147,8 +148,9 @@ def check_matrix(tokens: Sequence[str], matrix: np.ndarray, source: str, expecte
     finite = np.isfinite(matrix).all(axis=tuple(range(1, matrix.ndim)))
     if not finite.all():
         bad = int(np.flatnonzero(~finite)[0])
+        where = f"row {bad}, counted from 0" if source.endswith(".npz") else f"line {bad + 2}"  # text: after the header
         raise ItemEmbeddingError(
-            f"{source}: the vector of item '{tokens[bad]}' (row {bad}) contains NaN or inf "
+            f"{source}: the vector of item '{tokens[bad]}' ({where}) contains NaN or inf "
             f"({int((~finite).sum())} such rows). Re-run the embedding step (check fp16 overflow)."
         )
 
@@ -200,10 +202,11 @@ def read_npz(path: str, expected_dim: Optional[int] = None, kind: str = "item"):
             f"{path}: missing array {err}; the file must hold '{id_key}' and 'embedding' (or 'values' and "
             f"'offsets'). Re-run the embedding step."
         ) from None
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # a truncated file: BadZipFile / EOFError
         if isinstance(err, ItemEmbeddingError):
             raise
-        raise ItemEmbeddingError(f"{path}: not a readable .npz file ({err}). Delete it and re-run the embedding step.") from None
+        raise ItemEmbeddingError(f"{path}: not a readable .npz file ({err or type(err).__name__}: damaged or "
+                                 f"truncated?). Delete it and re-run the step that wrote it.") from None
     check_matrix(list(tokens), matrix, source=path, expected_dim=expected_dim)
     return tokens, matrix
 

@@ -393,7 +393,7 @@ class ProfilerGRPOHook(ProfilerTuningHook):
 
     def trainer(self):
         from datasets import Dataset
-        from trl import GRPOConfig, GRPOTrainer
+        from trl import GRPOTrainer
 
         p = self.params
         model, tokenizer = self.load(adapters=self.sft.adapter_dir if self.sft else None)

@@ -322,6 +322,8 @@ class ProfilesHook(PrepHook):
         if p["backend"] not in ("hf", "openai", "template"):
             raise PrepError(f"pte_profiles backend '{p['backend']}': hf, openai or template")
         self._progress, self._counts = progress, {"generated": 0, "cached": 0}
+        if p["backend"] == "openai":
+            self._llm.check_reachable()  # a server that is not there fails before anything is written
         self._cache = self.cache("generations")
         self._vectors, self._encoders = self.cache("encodings"), {}
         self.items = self._item_texts()

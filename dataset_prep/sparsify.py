@@ -49,7 +49,7 @@ class SparsifyError(ValueError):
 
 
 def _read_inter(path: str, options: SparsifyOptions):
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         header = f.readline().rstrip("\n")
         lines = [line.rstrip("\n") for line in f if line.strip()]
     names = header_names(path, header.split("\t"))

@@ -3,9 +3,13 @@
 RecBole 1.2.1 reads atomic files with ``pandas.read_csv(engine="python")`` and then repairs what it finds: a
 row with an extra field is dropped without a word, an empty or non-numeric float becomes the column mean (or a
 bare ``Unable to convert`` error), a header without ``:type`` or a header-only file fails with a traceback
-that names no file. :func:`check_dataset` reads each file once, as text, and stops at the first problem
+that names no file. :func:`check_dataset` reads each file once, as bytes, and stops at the first problem
 with one line that names the file, the line, the field and the fix; rows RecBole would silently default
 are counted and warned about once (or refused, for the time field that orders every sequence).
+
+The atomic format has no quoting: every field is taken literally (a title ``"Great Performances" Cats`` is
+that text, quotes included). :mod:`recbole_llmfuse.compat` makes RecBole's reader do the same
+(``quoting=QUOTE_NONE``), and a UTF-8 byte-order mark is read past (``encoding: utf-8-sig``), with a note.
 
 :func:`read_header` is the one parser of atomic headers in this package.
 """
@@ -27,11 +31,29 @@ class AtomicFileError(ConfigError):
     """A malformed atomic file; the message names the file, the line, the field and the fix."""
 
 
+BOM = b"\xef\xbb\xbf"
+
+
+def decode_line(raw: bytes, path: str, lineno: int, offset: int) -> str:
+    """``raw`` (line ``lineno``, starting at byte ``offset`` of ``path``) as text; bytes that are not UTF-8
+    raise :class:`AtomicFileError` naming the line and the byte offset."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        bad = raw[err.start:err.start + 4]
+        raise AtomicFileError(
+            f"{path}, line {lineno}, byte offset {offset + err.start}: {bad!r} is not UTF-8; save the file as "
+            f"UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT`)") from None
+
+
 def read_header(path: str) -> List[Tuple[str, str]]:
-    """``[(name, type), ...]`` of an atomic file's header line. Raises :class:`AtomicFileError` for an empty
-    file, a field without ``:type`` or an unknown type."""
-    with open(path, encoding="utf-8") as f:
-        line = f.readline()
+    """``[(name, type), ...]`` of an atomic file's header line (a UTF-8 BOM read past). Raises
+    :class:`AtomicFileError` for an empty file, a field without ``:type``, an unknown type, a name given twice
+    or bytes that are not UTF-8."""
+    with open(path, "rb") as f:
+        raw = f.readline()
+    start = len(BOM) if raw.startswith(BOM) else 0
+    line = decode_line(raw[start:], path, 1, start)
     if not line.strip():
         raise AtomicFileError(f"{path}: empty file; the first line must be a header such as '{HEADER_EXAMPLE}'")
     return parse_header(line.rstrip("\r\n").split("\t"), path)
@@ -39,13 +61,17 @@ def read_header(path: str) -> List[Tuple[str, str]]:
 
 def parse_header(fields: Sequence[str], path: str) -> List[Tuple[str, str]]:
     """``[(name, type), ...]`` of header fields already read from ``path`` (named in the error)."""
-    out = []
+    out: List[Tuple[str, str]] = []
     for column, field in enumerate(fields, start=1):
         name, sep, kind = field.partition(":")
         if not sep or kind not in ATOMIC_TYPES or not name:
             raise AtomicFileError(
                 f"{path}, line 1, column {column} {field!r}: a header field is name:type, type one of "
                 f"{', '.join(ATOMIC_TYPES)} (e.g. '{HEADER_EXAMPLE}'); fix the header line")
+        first = next((n for n, (other, _) in enumerate(out, start=1) if other == name), None)
+        if first is not None:
+            raise AtomicFileError(f"{path}, line 1: field name {name!r} appears twice (columns {first} and {column}); "
+                                  f"rename one of them")
         out.append((name, kind))
     return out
 
@@ -65,19 +91,21 @@ def is_float(text: str) -> bool:
 
 
 def check_atomic_file(path: str, time_field: Optional[str] = None) -> Dict[str, int]:
-    """Check every row of one atomic file (see module docstring). Returns ``{"rows", "defaulted"}``:
-    ``defaulted`` = rows with an empty float value RecBole will fill with the column mean (warned once).
-    An empty ``time_field`` value, a wrong field count, a non-numeric float, a value starting with a double
-    quote (RecBole's reader takes it for a quoted field and runs on across tabs and lines) and a file with
-    no rows are errors."""
+    """Check every row of one atomic file (see module docstring). Returns ``{"rows", "defaulted", "bom"}``:
+    ``defaulted`` = rows with an empty float value RecBole will fill with the column mean (warned once);
+    ``bom``: 1 when the file starts with a UTF-8 byte-order mark (read past, noted once). An empty
+    ``time_field`` value, a wrong field count, a non-numeric float, bytes that are not UTF-8 and a file with
+    no rows are errors. Values are literal: quotes are characters like any other."""
     fields = read_header(path)
     floats = [i for i, (_, kind) in enumerate(fields) if kind == "float"]
     seqs = [i for i, (_, kind) in enumerate(fields) if kind == "float_seq"]
     rows = defaulted = 0
-    with open(path, encoding="utf-8", newline="") as f:
-        f.readline()
-        for lineno, line in enumerate(f, start=2):
-            line = line.rstrip("\r\n")
+    with open(path, "rb") as f:
+        header = f.readline()
+        offset = len(header)
+        for lineno, raw in enumerate(f, start=2):
+            line = decode_line(raw, path, lineno, offset).rstrip("\r\n")
+            offset += len(raw)
             if not line:
                 continue
             values = line.split("\t")
@@ -103,23 +131,19 @@ def check_atomic_file(path: str, time_field: Optional[str] = None) -> Dict[str, 
                 if bad is not None:
                     raise AtomicFileError(f"{path}, line {lineno}, field {fields[i][0]}: {bad!r} is not a number "
                                           f"(type float_seq: numbers separated by spaces); fix the value")
-            quoted = next((i for i, v in enumerate(values) if v.startswith('"')), None)
-            if quoted is not None:
-                raise AtomicFileError(
-                    f"{path}, line {lineno}, field {fields[quoted][0]}: starts with a double quote, which RecBole's "
-                    f"reader takes for a quoted field (it then reads across tabs and lines); remove the quote "
-                    f"or start the value with another character")
             defaulted += empty
     if not rows:
         raise AtomicFileError(f"{path}: a header and no rows; the file must hold at least one row under "
                               f"'{chr(9).join(n + ':' + k for n, k in fields)}'")
-    return {"rows": rows, "defaulted": defaulted}
+    return {"rows": rows, "defaulted": defaulted, "bom": int(header.startswith(BOM))}
 
 
 @functools.lru_cache(maxsize=64)
 def _checked(path: str, size: int, mtime: float, time_field: Optional[str]) -> Dict[str, int]:
     """:func:`check_atomic_file` once per file version; its warning comes with that one check."""
     counts = check_atomic_file(path, time_field)
+    if counts["bom"]:
+        getLogger().warning(f"{path}: starts with a UTF-8 byte-order mark (BOM); read without it")
     if counts["defaulted"]:
         getLogger().warning(f"{path}: {counts['defaulted']} of {counts['rows']} rows have an empty float value; "
                             f"RecBole fills it with the column mean")

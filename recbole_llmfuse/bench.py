@@ -125,6 +125,8 @@ def parse_variant(label: str):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"model '{label}': '{item}' is not key=value")
+        if not value.strip():
+            raise ConfigError(f"model '{label}': '{item}' has no value; write {key.strip()}=VALUE (null for none)")
         settings[key.strip()] = yaml.safe_load(value)
     return name, settings
 
@@ -443,8 +445,10 @@ def main_from_args(args: argparse.Namespace, overrides: List[str]) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     metrics = [m.lower() for m in args.report_metrics.split(",")]
     config_files = [os.path.abspath(p) for p in args.config_files.split()] if args.config_files else []
-    for model in models:
-        parse_variant(model)  # fail fast on a malformed NAME[key=value]
+    from recbole_llmfuse.registry import get_model
+
+    for model in models:  # fail fast, before the first run: a malformed NAME[key=value] or an unknown NAME
+        get_model(parse_variant(model)[0])
     if args.jobs < 1:
         raise ConfigError(f"--jobs {args.jobs}: give 1 or more")
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
@@ -464,7 +468,10 @@ def main_from_args(args: argparse.Namespace, overrides: List[str]) -> int:
     records = run_bench(models, args.dataset, seeds, config_files, overrides, args.out, metrics, args.resume,
                         args.jobs, gpus, tuned=tuning["chosen"] if tuning else None)
     print(summarize(records, models, metrics, args.out, args.baseline, tuning))
-    return 0 if any(r["status"] == "ok" for r in records) else 1
+    failed = [r for r in records if r["status"] != "ok"]
+    if failed:  # the table holds the runs that worked; the exit status says not all did
+        print(f"{len(failed)} of {len(records)} runs failed (listed above)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -85,7 +85,14 @@ def read(path: str, map_location="cpu") -> dict:
     """A checkpoint file written by :func:`write` (or by RecBole) as a dict."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
-    return trusted_torch_load(path, map_location=map_location)
+    import pickle
+    import zipfile
+
+    try:
+        return trusted_torch_load(path, map_location=map_location)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:  # cut or not a checkpoint
+        raise CheckpointError(f"checkpoint {path} cannot be read ({str(err).splitlines()[0][:120]}): truncated or not "
+                              f"a torch checkpoint; give a complete .pth written by a run") from None
 
 
 def load_weights(model: nn.Module, path: str, map_location="cpu") -> dict:

@@ -28,6 +28,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=str, default="5678", help="DDP master port")
     parser.add_argument("--world_size", type=int, default=-1, help="total DDP processes over all nodes")
     parser.add_argument("--group_offset", type=int, default=0, help="global rank offset of this node")
+    parser.add_argument("--allow_unknown_keys", action="store_true",
+                        help="let settings known to no YAML through (a model of your own reads them); by default a "
+                             "misspelt setting stops the run with the closest known one")
     parser.epilog = (
         "Any other setting is a RecBole override written --key=value, e.g. "
         "--epochs=2 --train_batch_size=512 --MAX_ITEM_LIST_LENGTH=20."
@@ -36,17 +39,12 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _from_config_files(paths: List[str]) -> dict:
     """``model``/``dataset`` named in config files (later files win), so ``--config_files best.yaml`` suffices."""
-    import yaml
-
-    from recbole_llmfuse.config import ConfigError
+    from recbole_llmfuse.config import read_yaml_file
 
     found = {}
     for path in paths:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path} does not exist")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        found.update({k: data[k] for k in ("model", "dataset") if isinstance(data, dict) and data.get(k)})
+        data = read_yaml_file(path)
+        found.update({k: data[k] for k in ("model", "dataset") if data.get(k)})
     return found
 
 
@@ -59,6 +57,8 @@ def _run(args: argparse.Namespace, overrides: List[str], prog: str) -> int:
     from recbole_llmfuse.config import parse_overrides
 
     parse_overrides(overrides)  # fail fast, before any data is loaded
+    if args.allow_unknown_keys:
+        overrides = [*overrides, "--allow_unknown_keys=True"]
     config_file_list = args.config_files.strip().split(" ") if args.config_files else None
     from_files = _from_config_files(config_file_list or [])
     args.model = args.model or from_files.get("model") or "BPR"
@@ -86,19 +86,39 @@ def _run(args: argparse.Namespace, overrides: List[str], prog: str) -> int:
         "test_result": dict(result["test_result"] or {}),
         "model_file": result.get("model_file"),
     }
-    print("result: " + json.dumps(summary, default=float))
+    print("result: " + json.dumps(_strict(summary), allow_nan=False))
     return 0
 
 
+def _strict(value):
+    """``value`` as strict JSON can hold it: numbers as floats, a NaN or infinite one as null."""
+    import math
+
+    if isinstance(value, dict):
+        return {str(k): _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return number if math.isfinite(number) else None
+
+
 def _guarded(fn, prog: str) -> int:
+    from recbole_llmfuse.checkpoint import CheckpointError
     from recbole_llmfuse.config import ConfigError
     from recbole_llmfuse.data import DatasetNotFoundError
     from recbole_llmfuse.dataset_prep.itememb import ItemEmbeddingError
+    from recbole_llmfuse.llm import ModelPathError
     from recbole_llmfuse.registry import ModelNotFoundError
 
     try:
         return fn()
-    except (ConfigError, ModelNotFoundError, DatasetNotFoundError, ItemEmbeddingError) as err:
+    except (ConfigError, ModelNotFoundError, DatasetNotFoundError, ItemEmbeddingError, ModelPathError,
+            CheckpointError) as err:
         if _DEBUG:
             raise
         print(f"{prog}: error: {err}", file=sys.stderr)
@@ -166,13 +186,19 @@ def _add_prep_arguments(prep: argparse.ArgumentParser) -> None:
     p.add_argument("--meta", help="metadata file (meta_*.json.gz / .jsonl.gz)")
     p.add_argument("--download", action="store_true", help="fetch the public files first (needs internet)")
     p.add_argument("--out", default="dataset/", help="writes <out>/<name>/<name>.inter and .item")
+    p.add_argument("--recipe", choices=["pad", "faerec", "hdrec", "pte"], default=None,
+                   help="a paper's filters in one flag (README 'Amazon recipes'); the flags below override its values")
     p.add_argument("--min_rating", type=float, default=None, help="keep ratings >= this (PAD: 4)")
-    p.add_argument("--k_core", type=int, default=0, help="iterative k-core for users and items")
+    p.add_argument("--k_core", type=int, default=None, help="k-core for users and items (default 0: none)")
     p.add_argument("--user_k", type=int, default=None)
     p.add_argument("--item_k", type=int, default=None)
+    p.add_argument("--k_core_passes", type=int, default=None,
+                   help="k-core passes (default: iterate to a fixed point; 1 = LLM-ESR's single pass)")
     p.add_argument("--last_n", type=int, default=None, help="keep each user's last N interactions (PAD: 23)")
-    p.add_argument("--drop_no_title", action="store_true")
+    p.add_argument("--cap_first", action="store_true", default=None, help="apply --last_n before the k-core (HDRec)")
+    p.add_argument("--drop_no_title", action="store_true", default=None)
     p.add_argument("--skip_bad_lines", action="store_true", help="skip and count malformed lines instead of stopping")
+    p.add_argument("--force", action="store_true", help="replace a dataset already in <out>/<name>/")
     p = sub.add_parser("sparsify", help="a sparse long-tail variant of a dataset (per-user subsampling + min counts)")
     p.add_argument("--dataset", "-d", required=True, help="source dataset (e.g. ml-100k)")
     p.add_argument("--name", required=True, help="name of the variant, written to <data_path>/<name>/")
@@ -185,10 +211,8 @@ def _add_prep_arguments(prep: argparse.ArgumentParser) -> None:
 
 
 def _prep(args: argparse.Namespace, rest: List[str]) -> int:
-    import yaml
-
     import recbole_llmfuse  # noqa: F401  (compat shims)
-    from recbole_llmfuse.config import ConfigError
+    from recbole_llmfuse.config import ConfigError, read_yaml_file
 
     if args.prep_command == "amazon":
         return _prep_amazon(args, rest)
@@ -202,10 +226,7 @@ def _prep(args: argparse.Namespace, rest: List[str]) -> int:
     config_files = args.config_files.split() if args.config_files else []
     params = {}
     for path in config_files:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path} does not exist")
-        with open(path) as f:
-            params.update((yaml.safe_load(f) or {}).get(name) or {})
+        params.update(read_yaml_file(path).get(name) or {})
     for item in rest:
         key, sep, value = item.lstrip("-").partition("=")
         if not sep or not key:
@@ -234,7 +255,10 @@ def _prep(args: argparse.Namespace, rest: List[str]) -> int:
         what = "fresh" if state == "fresh" else "the user's own (no manifest)"
         print(f"{name}: outputs are {what} ({', '.join(hook.outputs())}); nothing to do (--force to rerun)")
         return 0
-    print(f"{name}: {hook.produce(force=args.force, shard=args.shard)}")
+    report = hook.produce(force=args.force, shard=args.shard)
+    # None: another process made the outputs while this one waited for the lock
+    print(f"{name}: {report}" if report is not None else
+          f"{name}: made by a concurrent run this one waited for ({', '.join(hook.outputs())}); nothing to do")
     return 0
 
 
@@ -264,17 +288,31 @@ def _prep_amazon(args: argparse.Namespace, rest: List[str]) -> int:
     for path in (reviews, meta):
         if path and not os.path.isfile(path):
             raise ConfigError(f"{path} does not exist")
-    options = amazon.AmazonOptions(
-        version=args.version, min_rating=args.min_rating,
-        user_k=args.user_k if args.user_k is not None else args.k_core,
-        item_k=args.item_k if args.item_k is not None else args.k_core,
-        last_n=args.last_n, drop_no_title=args.drop_no_title, skip_bad_lines=args.skip_bad_lines,
-    )
-    report = amazon.convert(args.name, reviews, meta, args.out, options)
-    print(report.table())
+    settings = dict(amazon.RECIPES[args.recipe]["options"]) if args.recipe else {}
+    flags = {"min_rating": args.min_rating, "k_core_passes": args.k_core_passes, "last_n": args.last_n,
+             "cap_first": args.cap_first, "drop_no_title": args.drop_no_title,
+             "user_k": args.user_k if args.user_k is not None else args.k_core,
+             "item_k": args.item_k if args.item_k is not None else args.k_core}
+    for key, value in flags.items():  # each flag given wins over the recipe
+        if value is not None:
+            if not isinstance(value, bool) and key != "min_rating" and value < 0:
+                raise ConfigError(f"--{key} {value}: give 0 or more")
+            settings[key] = value
+    options = amazon.AmazonOptions(version=args.version, skip_bad_lines=args.skip_bad_lines, **settings)
+    if args.recipe:
+        print(f"recipe {args.recipe}: {amazon.RECIPES[args.recipe]['source']}")
+    print("filters: " + ", ".join(f"{k}={getattr(options, k)}" for k in (
+        "min_rating", "user_k", "item_k", "k_core_passes", "last_n", "cap_first", "drop_no_title")), flush=True)
+    report = amazon.convert(args.name, reviews, meta, args.out, options, force=args.force)
+    paper = amazon.PAPER_STATS.get((args.recipe, args.name)) if args.recipe else None
+    print(report.table(paper, f"{args.recipe.upper()} paper, Table 1" if paper else "paper"))
     if report.bad_lines or report.duplicates or report.items_without_title:
         print(f"skipped malformed lines: {report.bad_lines or 0}; duplicate reviews dropped: {report.duplicates}; "
               f"items without title: {report.items_without_title}")
+    model = next((m for m, r in amazon.MODEL_RECIPES.items() if r == args.recipe), "SASRec")
+    root = os.path.abspath(os.path.expanduser(args.out))
+    print(f"wrote {os.path.join(root, args.name)}; train with: run_recbole --model={model} --dataset={args.name} "
+          f"--data_path={root}")
     return 0
 
 

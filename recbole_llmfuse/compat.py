@@ -187,6 +187,20 @@ def _autograd_anomaly_off(module) -> None:
     torch.autograd.set_detect_anomaly(False)
 
 
+def _literal_atomic_files(module) -> None:
+    """RecBole's ``Dataset._load_feat`` reads atomic files with ``pandas.read_csv`` and pandas' default quoting,
+    so a value starting with ``"`` (a MovieLens title such as ``"Great Performances" Cats``) opens a quoted field
+    that runs on across tabs and lines. The atomic format has no quoting: its ``pd`` reads with
+    ``quoting=csv.QUOTE_NONE``, every field literally (what :mod:`recbole_llmfuse.atomic` checks)."""
+    import csv
+    import functools
+
+    import pandas as pd
+
+    if getattr(module, "pd", None) is pd:
+        module.pd = _Proxy(pd, read_csv=functools.partial(pd.read_csv, quoting=csv.QUOTE_NONE))
+
+
 #: module -> the patches applied to it right after its import (or at once, if it is already imported)
 PATCHES: dict = {}
 for _names, _patches in (
@@ -195,6 +209,7 @@ for _names, _patches in (
      [_torch_checkpoint_loading]),
     (("recbole.trainer.trainer",), [_trainer_amp, _cpu_ddp]),
     (("recbole.model.sequential_recommender.sine",), [_autograd_anomaly_off]),
+    (("recbole.data.dataset.dataset",), [_literal_atomic_files]),
     (SPARSE_TENSOR_MODULES, [_sparse_tensors]),
     (DOK_UPDATE_MODULES, [_dok_update]),
 ):

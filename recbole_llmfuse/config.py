@@ -14,6 +14,7 @@ Differences from ``recbole.config.Config`` (everything else is RecBole's own cod
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import re
@@ -45,6 +46,27 @@ _OVERRIDE = re.compile(r"^--([A-Za-z_][\w.\-]*)=(.*)$", re.S)
 
 class ConfigError(ValueError):
     """A bad configuration value or command-line override."""
+
+
+def read_yaml_file(path: str) -> dict:
+    """A YAML settings file as a dict. A missing file, a syntax error (file, line, column, problem) or a file
+    that is not ``key: value`` lines raise :class:`ConfigError` in one line."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: YAML syntax error ({getattr(err, 'problem', None) or err}); fix the line "
+                          f"(a value holding ': ' or starting with '[' or '{{' needs quotes)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save the config file as UTF-8") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file holds settings as 'key: value' lines, not a "
+                          f"{type(data).__name__}")
+    return data or {}
 
 
 def parse_overrides(args: List[str]) -> dict:
@@ -82,6 +104,18 @@ class Config(RecBoleConfig):
         self._plugin_model_yaml = None
         super().__init__(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
         self._check_override_types()
+        self._check_known_keys(config_file_list)
+        self._check_ranges()
+
+    # -- config files -------------------------------------------------------------------------------
+    def _load_config_files(self, file_list):
+        """RecBole's, with a missing file or a YAML syntax error said in one line (file, line, problem)."""
+        for path in file_list or []:
+            if not os.path.isfile(path):
+                raise ConfigError(f"config file {path} does not exist")
+        for path in file_list or []:
+            read_yaml_file(path)  # a syntax error or a file that is not a mapping: one line
+        return super()._load_config_files(file_list)
 
     # -- command line -------------------------------------------------------------------------------
     def _load_cmd_line(self):
@@ -118,6 +152,50 @@ class Config(RecBoleConfig):
             raise ConfigError(
                 f"override --{key}={value}: expected {expected} (the default is {default!r})."
             )
+
+    def _check_known_keys(self, config_file_list) -> None:
+        """A setting no one reads is almost always a typo (``--learnin_rate=0.01`` would train at the default
+        rate without a word): unknown keys stop the run, with the closest known one. Known: :func:`known_keys`
+        and the model's own YAML layers; ``allow_unknown_keys: true`` (``run --allow_unknown_keys``) lets a
+        user's own model read settings declared nowhere."""
+        import difflib
+
+        if self.final_config_dict.get("allow_unknown_keys"):
+            return
+        from recbole_llmfuse.dataset_prep.hooks import available_hooks
+
+        # the hooks registered now (tests and notebooks register their own) and the keys of the model's tables
+        tables = getattr(self.model_class, "feature_tables", ()) or ()
+        known = (known_keys() | set(self.internal_config_dict) | set(available_hooks())
+                 | {f"{t.options}_{s}" for t in tables for s in ("format", "dim", "missing", "hook")})
+        for where, keys in (("command line", self.cmd_config_dict), ("config_dict", self.variable_config_dict),
+                            (" ".join(config_file_list or []) or "config file", self.file_config_dict)):
+            for key in keys:
+                if key in known:
+                    continue
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ConfigError(f"unknown setting '{key}' ({where}); {hint}A setting your own model reads: "
+                                  f"pass --allow_unknown_keys (allow_unknown_keys: true)")
+
+    #: settings that must be whole numbers >= 1 (checked before any data loads)
+    POSITIVE_INTS = ("epochs", "train_batch_size", "eval_batch_size", "eval_step", "MAX_ITEM_LIST_LENGTH",
+                     "grad_accum_steps", "hidden_size", "embedding_size", "n_layers", "n_heads", "inner_size")
+
+    def _check_ranges(self) -> None:
+        final = self.final_config_dict
+        for key in self.POSITIVE_INTS:
+            value = final.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{key} {value!r}: must be a whole number >= 1 (e.g. --{key}="
+                                  f"{self.internal_config_dict.get(key) or 1})")
+        rate = final.get("learning_rate")
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0):
+            raise ConfigError(f"learning_rate {rate!r}: must be a number > 0 (e.g. --learning_rate=0.001)")
+        topk = final.get("topk")
+        for k in (topk if isinstance(topk, list) else [topk] if topk is not None else []):
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ConfigError(f"topk {topk!r}: cut-offs are whole numbers >= 1 (e.g. --topk=[10,20])")
 
     # -- model lookup -------------------------------------------------------------------------------
     def _get_model_and_dataset(self, model, dataset):
@@ -194,7 +272,8 @@ class Config(RecBoleConfig):
         final = self.final_config_dict
         final["output_dir"] = output_dir(final.get("output_dir"))
         if final.get("checkpoint_dir"):
-            final["checkpoint_dir"] = os.path.join(final["output_dir"], os.path.expanduser(final["checkpoint_dir"]))
+            final["checkpoint_dir"] = writable_dir(
+                os.path.join(final["output_dir"], os.path.expanduser(final["checkpoint_dir"])), "checkpoint_dir")
 
     def _load_time_column(self) -> None:
         """Sequential models order each user's interactions by time, but RecBole's default ``load_col`` reads
@@ -217,14 +296,74 @@ class Config(RecBoleConfig):
             final["load_col"] = {**load_col, "inter": list(load_col.get("inter") or []) + [time_field]}
 
 
+#: ``config["key"]`` / ``config.get("key")`` reads in source code: keys RecBole's (or our) code reads without
+#: declaring them in a YAML (``enable_amp``, ``wandb_project``, ...)
+_READ_KEY = re.compile(r"""(?:config|final|cfg)(?:\[|\.get\()\s*["']([A-Za-z_][\w\-]*)["']""")
+
+
+def _keys_under(folder: str) -> set:
+    """Top-level keys of the YAML files and keys read in the ``.py`` files below ``folder``."""
+    import yaml
+
+    out = set()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if name.endswith(".yaml"):
+                with open(path, encoding="utf-8") as f:
+                    data = yaml.safe_load(f)
+                out.update(map(str, data) if isinstance(data, dict) else ())
+            elif name.endswith(".py"):
+                with open(path, encoding="utf-8") as f:
+                    out.update(_READ_KEY.findall(f.read()))
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def known_keys() -> frozenset:
+    """Every setting RecBole or this plugin knows: RecBole's argument lists, its YAMLs (overall, every model,
+    datasets, quick start) and the keys its code reads; ours likewise (hook names included: their files are
+    ``properties/hooks/<hook>.yaml``); the hooks other packages register; the run command's own flags. Read
+    from the files once per process, without importing anything."""
+    from importlib import metadata
+
+    import recbole
+    from recbole.utils import argument_list
+
+    from recbole_llmfuse.dataset_prep.hooks import ENTRY_POINT_GROUP
+
+    keys = {k for name in dir(argument_list) if name.endswith("_arguments") for k in getattr(argument_list, name)}
+    props = os.path.dirname(PLUGIN_OVERALL_YAML)
+    for folder in (os.path.dirname(recbole.__file__), props, os.path.dirname(os.path.abspath(__file__)),
+                   importlib.import_module("recbole_llmfuse.dataset_prep").__path__[0]):
+        keys |= _keys_under(folder)
+    keys |= {os.path.splitext(n)[0] for n in os.listdir(os.path.join(props, "hooks")) if n.endswith(".yaml")}
+    keys |= {ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    keys |= {"model", "dataset", "config_files", "nproc", "ip", "port", "world_size", "offset", "local_rank",
+             "allow_unknown_keys"}
+    return frozenset(keys)
+
+
+def writable_dir(path: str, setting: str) -> str:
+    """``path``, created if missing; a folder that cannot be made or written raises :class:`ConfigError` now,
+    not after training (when the checkpoint is saved)."""
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as err:
+        raise ConfigError(f"{setting} {path}: cannot write there ({err.strerror or err}); choose a writable folder, "
+                          f"e.g. --{setting}=saved") from None
+    return path
+
+
 def output_dir(wanted: Optional[str] = None) -> str:
     """The absolute folder for RecBole's ``log/``, ``log_tensorboard/`` and a relative ``checkpoint_dir``:
     ``wanted``, else the working folder, else (read-only working folder) ``~/.cache/recbole_llmfuse``, said
     once in a warning."""
     if wanted:
-        path = os.path.abspath(os.path.expanduser(wanted))
-        os.makedirs(path, exist_ok=True)
-        return path
+        return writable_dir(os.path.abspath(os.path.expanduser(wanted)), "output_dir")
     if os.access(os.getcwd(), os.W_OK):
         return os.getcwd()
     path = os.path.join(os.path.expanduser("~"), ".cache", "recbole_llmfuse")
@@ -244,4 +383,4 @@ def _warn_once(message: str) -> None:
         getLogger().warning(message)
 
 
-__all__ = ["Config", "ConfigError", "output_dir", "parse_overrides"]
+__all__ = ["Config", "ConfigError", "known_keys", "output_dir", "parse_overrides", "read_yaml_file"]

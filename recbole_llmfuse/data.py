@@ -5,7 +5,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from logging import getLogger
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import recbole
@@ -15,7 +15,7 @@ from recbole.data.dataset import SequentialDataset
 from recbole.utils import FeatureSource, FeatureType, ModelType
 
 from recbole_llmfuse import registry
-from recbole_llmfuse.atomic import check_dataset
+from recbole_llmfuse.atomic import AtomicFileError, check_dataset, header_names
 from recbole_llmfuse.dataset_prep import hooks as prep_hooks
 from recbole_llmfuse.dataset_prep import itememb
 from recbole_llmfuse.dataset_prep.itememb import ItemEmbeddingError, temp_dir
@@ -35,11 +35,20 @@ def embedded_dataset_dir(name: str) -> str:
 def materialize_embedded(name: str, target_dir: str) -> bool:
     """Copy an embedded dataset to ``target_dir`` unless its ``.inter`` is already there.
 
-    The copy goes to a temporary sibling folder first and is renamed into place, so an interrupted
-    copy never leaves a half-written dataset. Returns True when files were copied.
+    Only into an absent or empty folder: files already there (a user's own ``.item`` or ``.user``, split files)
+    are never written over; such a folder stops with one line naming them. The copy goes to a temporary
+    sibling folder first and is renamed into place, so an interrupted copy never leaves a half-written
+    dataset. Returns True when files were copied.
     """
     if os.path.isfile(os.path.join(target_dir, f"{name}.inter")):
         return False
+    present = sorted(os.listdir(target_dir)) if os.path.isdir(target_dir) else []
+    if present:
+        shown = ", ".join(present[:6]) + (f" and {len(present) - 6} more" if len(present) > 6 else "")
+        raise DatasetNotFoundError(
+            f"{target_dir} holds {shown} but no {name}.inter; the embedded {name} copy goes only into an empty "
+            f"folder, so nothing was written. Add your {name}.inter there, or use --data_path=OTHER_FOLDER for "
+            f"the embedded copy")
     source = embedded_dataset_dir(name)
     parent = os.path.dirname(os.path.abspath(target_dir))
     os.makedirs(parent, exist_ok=True)
@@ -47,12 +56,9 @@ def materialize_embedded(name: str, target_dir: str) -> bool:
     try:
         for fname in os.listdir(source):
             shutil.copy2(os.path.join(source, fname), os.path.join(tmp, fname))
-        if os.path.isdir(target_dir):  # a folder with other files (e.g. an .itememb) but no .inter
-            for fname in os.listdir(tmp):
-                os.replace(os.path.join(tmp, fname), os.path.join(target_dir, fname))
-            os.rmdir(tmp)
-        else:
-            os.replace(tmp, target_dir)
+        if os.path.isdir(target_dir):  # empty: rename over it
+            os.rmdir(target_dir)
+        os.replace(tmp, target_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -93,24 +99,42 @@ def _check_atomic_files(config) -> None:
     """The dataset exists (else :class:`DatasetNotFoundError`) and its atomic files are well-formed
     (``check_atomic_files``; :mod:`recbole_llmfuse.atomic`)."""
     name, path = config["dataset"], config["data_path"]
-    if os.path.isfile(os.path.join(path, f"{name}.inter")):
+    inter = os.path.join(path, f"{name}.inter")
+    if os.path.isfile(inter):
+        sequential = config["MODEL_TYPE"] == ModelType.SEQUENTIAL
         if config["check_atomic_files"]:
-            sequential = config["MODEL_TYPE"] == ModelType.SEQUENTIAL
             check_dataset(path, name, config["TIME_FIELD"] if sequential else None)
+        time_field = config["TIME_FIELD"]
+        if sequential and time_field and time_field not in header_names(inter):
+            raise AtomicFileError(
+                f"{inter}: no '{time_field}' column, which sequential models need to order each user's items; add "
+                f"a '{time_field}:float' column (any number rising along each user's sequence will do) or set "
+                f"TIME_FIELD to the column that holds the time")
         return
-    benchmark = config["benchmark_filename"]
-    if benchmark and all(os.path.isfile(os.path.join(path, f"{name}.{part}.inter")) for part in benchmark):
+    if _has_split_files(config):
         return
+    from recbole_llmfuse.dataset_prep import amazon
+
+    root = os.path.dirname(path)
+    make = (f" Make it from the Amazon Reviews files: `{amazon.prep_command(name, config['model'], root)}`."
+            if name in amazon.CATEGORIES or name in amazon.CATEGORIES.values() else
+            " Convert Amazon reviews with `recbole-llmfuse prep amazon` (see --help).")
     raise DatasetNotFoundError(
-        f"dataset '{name}' not found: expected the atomic file {os.path.join(path, name + '.inter')}. "
-        f"Point --data_path at the folder that contains '{name}/{name}.inter', or prepare the dataset "
-        f"first. Datasets that work offline out of the box: {', '.join(EMBEDDED_DATASETS)}."
+        f"dataset '{name}' not found: looked for {os.path.join(path, name + '.inter')}.{make} Or point "
+        f"--data_path at the folder that holds '{name}/{name}.inter'. Offline out of the box: "
+        f"{', '.join(EMBEDDED_DATASETS)}."
     )
 
 
+def _has_split_files(config) -> bool:
+    name, path, benchmark = config["dataset"], config["data_path"], config["benchmark_filename"]
+    return bool(benchmark) and all(os.path.isfile(os.path.join(path, f"{name}.{part}.inter")) for part in benchmark)
+
+
 def prepare_folder(config) -> None:
-    """The dataset's folder ready to read: an embedded dataset copied there, the atomic files checked."""
-    if config["dataset"] in EMBEDDED_DATASETS:
+    """The dataset's folder ready to read: an embedded dataset copied there (unless split files are), the
+    atomic files checked."""
+    if config["dataset"] in EMBEDDED_DATASETS and not _has_split_files(config):
         materialize_embedded(config["dataset"], config["data_path"])  # data_path is already <root>/<dataset>
     _check_atomic_files(config)
 

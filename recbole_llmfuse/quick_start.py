@@ -16,13 +16,14 @@ from logging import getLogger
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from recbole.data.transform import construct_transform
 from recbole.utils import get_environment, get_flops, init_logger, init_seed, set_color
 
 from recbole_llmfuse import checkpoint, registry
-from recbole_llmfuse.config import Config
+from recbole_llmfuse.config import Config, ConfigError
 from recbole_llmfuse.data import create_dataset, data_preparation, prepare_folder
 
 
@@ -50,7 +51,16 @@ def build(config, logger=None):
     dataset = create_dataset(config)
     if logger is not None:
         logger.info(dataset)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
+    try:
+        train_data, valid_data, test_data = data_preparation(config, dataset)
+    except ValueError as err:  # torch's RandomSampler on an empty training split
+        if "num_samples" not in str(err):
+            raise
+        longest = int(np.bincount(dataset.inter_feat[dataset.uid_field].numpy()).max()) if len(dataset.inter_feat) else 0
+        raise ConfigError(
+            f"dataset '{config['dataset']}': the training split is empty ({dataset.user_num - 1} users, the longest "
+            f"with {longest} interactions after filtering); the split {config['eval_args']['split']} needs users with "
+            f"at least 3 (one to train, one to validate, one to test). Add interactions or loosen the filters") from None
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = registry.get_model(config["model"])(config, train_data._dataset).to(config["device"])
     return dataset, model, train_data, valid_data, test_data

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from recbole_llmfuse import Config, ConfigError, create_dataset, get_trainer
+from recbole_llmfuse import Config, ConfigError, get_trainer
 from recbole_llmfuse.dataset_prep.amazon import AmazonOptions, convert
 from recbole_llmfuse.quick_start import build
 

@@ -42,7 +42,7 @@ def test_sasrec_on_embedded_ml100k_beats_random(tmp_path):
     "args, message",
     [
         (["--model=NoSuchModel"], r"unknown model 'NoSuchModel'. Available models: .*FastSASRec.*SASRec"),
-        (["--model=SASRec", "--dataset=no-such-data"], r"dataset 'no-such-data' not found: expected the atomic file .*no-such-data\.inter"),
+        (["--model=SASRec", "--dataset=no-such-data"], r"dataset 'no-such-data' not found: looked for .*no-such-data\.inter"),
         (["--model=SASRec", "--epochs"], r"malformed override '--epochs': overrides are written --key=value"),
         (["--model=SASRec", "epochs=2"], r"malformed override 'epochs=2'"),
         (["--model=SASRec", "--epochs=two"], r"override --epochs=two: expected a number \(the default is 300\)"),

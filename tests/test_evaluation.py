@@ -116,7 +116,7 @@ def test_bench_records_a_failed_run_and_goes_on(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run(
         [os.path.join(os.path.dirname(sys.executable), "recbole-llmfuse"), "bench", f"--dataset={SMALL}",
-         "--models=FastSASRec,NoSuchModel", "--seeds=0,1", f"--out={out}", "--epochs=1", "--MAX_ITEM_LIST_LENGTH=5",
+         "--models=FastSASRec,Pop", "--seeds=0,1", f"--out={out}", "--epochs=1", "--MAX_ITEM_LIST_LENGTH=5",
          "--jobs=3",
          f"--data_path={os.path.dirname(os.path.dirname(__file__))}/nonexistent"],
         capture_output=True, text=True, timeout=900,
@@ -124,8 +124,13 @@ def test_bench_records_a_failed_run_and_goes_on(tmp_path):
     assert proc.returncode == 1  # nothing succeeded (the data path is wrong for both): recorded, not crashed
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [r["status"] for r in rows] == ["failed"] * 4
-    assert [(r["model"], r["seed"]) for r in rows] == [("FastSASRec", "0"), ("NoSuchModel", "0"), ("FastSASRec", "1"), ("NoSuchModel", "1")]
-    assert "NoSuchModel" in rows[1]["error"] and "NoSuchModel" in rows[3]["error"]
+    assert [(r["model"], r["seed"]) for r in rows] == [("FastSASRec", "0"), ("Pop", "0"), ("FastSASRec", "1"), ("Pop", "1")]
+    assert all("not found" in r["error"] for r in rows)
+    # an unknown model name is refused before the first run (exit 2, nothing written)
+    bad = subprocess.run([os.path.join(os.path.dirname(sys.executable), "recbole-llmfuse"), "bench", f"--dataset={SMALL}",
+                          "--models=FastSASRec,NoSuchModel", f"--out={tmp_path / 'never'}"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "unknown model 'NoSuchModel'" in bad.stderr and not (tmp_path / "never").exists()
 
 
 def test_bench_model_variants_parse_and_fail_clearly():

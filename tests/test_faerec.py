@@ -8,7 +8,7 @@ import torch
 
 from recbole_llmfuse import Config
 from recbole_llmfuse.model.faerec import pca_scores
-from recbole_llmfuse.quick_start import build, make_trainer
+from recbole_llmfuse.quick_start import build
 
 from conftest import LEARNS_MARGIN, SMALL, TINY, TINY_LEARN, fit_and_test
 

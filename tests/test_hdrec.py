@@ -15,7 +15,7 @@ from recbole_llmfuse import Config, checkpoint, load_data_and_model
 from recbole_llmfuse.model.hdrec import fuse
 from recbole_llmfuse.quick_start import build, execute, make_trainer
 
-from conftest import N_ITEMS, TINY, write_tiny_dataset, write_tiny_llama
+from conftest import TINY, write_tiny_dataset, write_tiny_llama
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

@@ -15,7 +15,7 @@ from recbole_llmfuse.dataset_prep.embed import make_encoder
 from recbole_llmfuse.dataset_prep.encoder_lora import cooccurrence_pairs, in_batch_infonce
 from recbole_llmfuse.dataset_prep.item_text import build_item_texts
 
-from conftest import SMALL, small_config, tiny_causal_llama
+from conftest import SMALL, tiny_causal_llama
 
 TEXTS = ["the cat sat on the mat", "a dog", "movie title : toy story ; release year : 1995 ; class : animation"]
 

@@ -1,7 +1,6 @@
 """Models learn, checkpoints round-trip, frozen tables stay out of checkpoints."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest

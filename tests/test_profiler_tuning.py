@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from recbole_llmfuse import Config
-from recbole_llmfuse.dataset_prep.hooks import PrepError, PrepRequiredError, ensure, resolve
+from recbole_llmfuse.dataset_prep.hooks import PrepRequiredError, ensure, resolve
 from recbole_llmfuse.dataset_prep.pte_rewards import ProfileReward, group_advantages, paper_logsigmoid
 from recbole_llmfuse.synthetic import write_random_llama, write_walks
 
@@ -337,7 +337,7 @@ def test_bad_tuning_settings_are_one_line_with_exit_2(world, params, words, caps
     args = ["prep", "grpo" if hook == "profiler_grpo" else "profiles", "--dataset", "tw", "--data_path", world["root"],
             *(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in params[hook].items())]
     if hook == "profiler_grpo":
-        args += [f"sft=false", f"tag=bad"]
+        args += ["sft=false", "tag=bad"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err

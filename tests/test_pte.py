@@ -3,7 +3,6 @@ backend against a local OpenAI-compatible server."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

@@ -17,7 +17,7 @@ from recbole_llmfuse import Config, load_data_and_model, registry
 from recbole_llmfuse.dataset_prep.hooks import available_hooks, resolve
 from recbole_llmfuse.quick_start import execute
 
-from conftest import TINY, write_tiny_dataset, write_tiny_llama
+from conftest import TINY, tiny_causal_llama, write_tiny_dataset, write_tiny_llama
 
 #: settings for the tiny world; LLM-backed parts get tiny random models or no-LLM backends. Keys a model does
 #: not read are ignored by it, as RecBole's Config ignores them.
@@ -36,6 +36,11 @@ TINY_HOOK_PARAMS = {
     "pte_profiles": {"backend": "template", "max_rounds": 0},
     "item_encoder_lora": {"epochs": 1, "train_batch_size": 16, "pairs_per_epoch": 64},
     "sasrec_item_table": {"hidden_size": 16, "epochs": 1, "MAX_ITEM_LIST_LENGTH": 5},
+    # PtE's profiler tuning: a tiny random causal Llama taught by the template profiles, a few steps
+    "profiler_sft": {"model": "{causal}", "teacher": {"backend": "template"}, "epochs": 1, "batch_size": 4,
+                     "max_length": 256, "progress": False},
+    "profiler_grpo": {"teacher": {"backend": "template"}, "num_generations": 2, "prompts_per_step": 2,
+                      "max_new_tokens": 8, "max_prompts": 4, "progress": False},
 }
 
 
@@ -43,7 +48,13 @@ TINY_HOOK_PARAMS = {
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("registered")
     return {"data": write_tiny_dataset(str(root / "data")), "llm": write_tiny_llama(root / "tiny-llama"),
-            "root": str(root)}
+            "causal": tiny_causal_llama(str(root / "causal")), "root": str(root)}
+
+
+def _hook_params(world) -> dict:
+    """Every hook's tiny parameters (a hook reads those of the hooks it requires too), paths filled in."""
+    return {name: {k: v.format(**world) if isinstance(v, str) else v for k, v in params.items()}
+            for name, params in TINY_HOOK_PARAMS.items()}
 
 
 def _first_batch_scores(model, test_data):
@@ -77,7 +88,7 @@ def test_registered_hook_produces_its_outputs(world, tmp_path, name):
     data = tmp_path / "data"
     shutil.copytree(os.path.join(world["data"], TINY), data / TINY)
     config = Config("FastSASRec", TINY, config_dict={
-        **TINY_SETTINGS, "data_path": str(data), "llm_path": world["llm"], name: TINY_HOOK_PARAMS.get(name, {})},
+        **TINY_SETTINGS, "data_path": str(data), "llm_path": world["llm"], **_hook_params(world)},
         argv=[])
     *required, hook = resolve(config, [name])  # what it reads first, as `prep` does
     for each in (*required, hook):

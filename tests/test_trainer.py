@@ -50,7 +50,9 @@ def toy_registry(monkeypatch):
 
 
 def _cfg(small_cfg, **extra):
-    return small_cfg(**{"checkpoint_dir": os.path.abspath("saved"), "frozen_width": 64, **extra})
+    # frozen_width: a setting of this file's own model, declared in no YAML
+    return small_cfg(**{"checkpoint_dir": os.path.abspath("saved"), "frozen_width": 64, "allow_unknown_keys": True,
+                        **extra})
 
 
 def test_default_loop_is_recboles(small_cfg):

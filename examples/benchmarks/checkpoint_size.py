@@ -44,7 +44,8 @@ def main(argv=None):
     out = tempfile.mkdtemp()
     config = Config("WithFrozenModule", "ml-100k", argv=overrides, config_dict={
         "frozen_params": args.frozen_params, "checkpoint_dir": out, "show_progress": False,
-        "model_log_max_params": 0, "MAX_ITEM_LIST_LENGTH": 20})
+        "model_log_max_params": 0, "MAX_ITEM_LIST_LENGTH": 20,
+        "allow_unknown_keys": True})  # frozen_params: a setting of this file's own model, declared in no YAML
     _, model, _, _, test_data = build(config)
     total, trainable, frozen = checkpoint.parameter_summary(model)
     sizes = {}
