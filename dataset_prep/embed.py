@@ -257,6 +257,7 @@ class ItemTextEmbeddingHook(PrepHook):
 
     name = "item_text_embedding"
     cli = "embed"
+    summary = "item text embeddings -> <dataset>.itememb(.npz)"
     defaults_file = hook_defaults_file(name)
     runtime_params = ("auto_run", "batch_size", "device", "formats", "shard_size", "ray_workers", "ray_address",
                       "ray_engine", "allow_all_fallback")

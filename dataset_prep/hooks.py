@@ -41,7 +41,6 @@ import os
 import shutil
 import sqlite3
 import time
-from importlib import metadata
 from logging import getLogger
 from typing import Dict, Iterable, List, Optional, Type
 
@@ -230,8 +229,9 @@ class PrepHook:
     defaults: Dict = {}
     #: parameters that do not change the outputs (left out of the fingerprint)
     runtime_params: tuple = ("auto_run",)
-    #: ``recbole-llmfuse prep <cli>`` runs this hook (default: ``prep hook <name>``)
+    #: ``recbole-llmfuse prep <cli>`` runs this hook (default: ``prep hook <name>``); ``summary``: its help line
     cli: Optional[str] = None
+    summary: str = ""
     #: parameters added after the hook's outputs were first made: left out of the fingerprint while at their
     #: default, so outputs made before they existed stay fresh (not rebuilt on upgrade)
     late_params: tuple = ()
@@ -453,31 +453,39 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def builtin_hooks() -> Dict[str, Type[PrepHook]]:
-    from recbole_llmfuse.dataset_prep.embed import ItemTextEmbeddingHook
-    from recbole_llmfuse.dataset_prep.encoder_lora import ItemEncoderLoraHook
-    from recbole_llmfuse.dataset_prep.item_tokens import ItemTokensHook
-    from recbole_llmfuse.dataset_prep.pretrained_ids import SASRecItemTableHook
-    from recbole_llmfuse.dataset_prep.profiler_tuning import ProfilerGRPOHook, ProfilerSFTHook
-    from recbole_llmfuse.dataset_prep.profiles import ProfileEmbeddingHook, ProfilesHook
+#: hooks registered in this process (:func:`register_hook`: notebooks, tests), found before the entry points
+REGISTERED: Dict[str, Type[PrepHook]] = {}
 
-    return {h.name: h for h in (ItemTextEmbeddingHook, ItemEncoderLoraHook, ItemTokensHook, SASRecItemTableHook, ProfilesHook,
-                                ProfileEmbeddingHook, ProfilerSFTHook, ProfilerGRPOHook)}
+
+def register_hook(cls: Type[PrepHook]) -> Type[PrepHook]:
+    """Make ``cls`` findable by its ``name`` in this process (usable as a class decorator). Packages register
+    theirs in the ``recbole_llmfuse.prep_hooks`` entry-point group, as this one does."""
+    REGISTERED[cls.name] = cls
+    return cls
+
+
+def hook_names() -> List[str]:
+    """Every hook name, without importing any hook module."""
+    from recbole_llmfuse.registry import entry_points
+
+    return sorted({*REGISTERED, *entry_points(ENTRY_POINT_GROUP)})
 
 
 def available_hooks() -> Dict[str, Type[PrepHook]]:
-    """``{name: hook class}``: the built-in hooks, then those other packages declare in the entry-point group."""
-    hooks = builtin_hooks()
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        hooks.setdefault(ep.name, ep.load())
-    return hooks
+    """``{name: hook class}``: hooks registered in this process, then every ``recbole_llmfuse.prep_hooks``
+    entry point (ours included: a hook is found like a model, by name)."""
+    return {name: get_hook(name) for name in hook_names()}
 
 
 def get_hook(name: str) -> Type[PrepHook]:
-    hooks = available_hooks()
-    if name not in hooks:
-        raise PrepError(f"unknown prep hook '{name}'; available: {sorted(hooks)}")
-    return hooks[name]
+    from recbole_llmfuse.registry import entry_points
+
+    if name in REGISTERED:
+        return REGISTERED[name]
+    found = entry_points(ENTRY_POINT_GROUP).get(name)
+    if found is None:
+        raise PrepError(f"unknown prep hook '{name}'; available: {hook_names()}")
+    return found.load()
 
 
 def make_hook(name: str, config, data_path: Optional[str] = None, overrides: Optional[dict] = None) -> PrepHook:

@@ -40,6 +40,11 @@ class ItemTexts:
     item_file: str
 
 
+def item_file_digest(path: str):
+    """The SHA-256 of a dataset's ``.item`` file for a hook's fingerprint; None when there is none."""
+    return sha256_file(path) if os.path.isfile(path) else None
+
+
 def sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

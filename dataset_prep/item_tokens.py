@@ -17,7 +17,7 @@ import numpy as np
 
 from recbole_llmfuse.dataset_prep import itememb
 from recbole_llmfuse.dataset_prep.hooks import PrepError, PrepHook, hook_defaults_file
-from recbole_llmfuse.dataset_prep.item_text import ItemTextError, read_item_file, sha256_file
+from recbole_llmfuse.dataset_prep.item_text import ItemTextError, item_file_digest, read_item_file
 from recbole_llmfuse.llm import load_tokenizer, tokenizer_fingerprint
 
 
@@ -58,7 +58,7 @@ class ItemTokensHook(PrepHook):
     def fingerprint(self) -> dict:
         return {"params": {**self.shaping_params(), "model": self.model},
                 "tokenizer": tokenizer_fingerprint(self.tokenizer),
-                "item_file_sha256": sha256_file(self._item_file) if os.path.isfile(self._item_file) else None}
+                "item_file_sha256": item_file_digest(self._item_file)}
 
     def run(self, **_) -> dict:
         if not os.path.isfile(self._item_file):

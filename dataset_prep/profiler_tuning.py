@@ -268,6 +268,7 @@ class ProfilerSFTHook(ProfilerTuningHook):
 
     name = "profiler_sft"
     cli = "sft"
+    summary = "PtE's profiler, LoRA SFT on the teacher profiles -> <dataset>.profiler_sft/"
     defaults_file = hook_defaults_file(name)
 
     def examples(self) -> List[dict]:
@@ -330,6 +331,7 @@ class ProfilerGRPOHook(ProfilerTuningHook):
 
     name = "profiler_grpo"
     cli = "grpo"
+    summary = "PtE's profiler, GRPO with the Eq. 9-11 reward -> <dataset>.profiler_grpo/"
     defaults_file = hook_defaults_file(name)
     plot_keys = ("pte/reward", "pte/collab", "pte/dist", "pte/well_formed", "kl", "loss")
 

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from recbole_llmfuse.config import ConfigError
 from recbole_llmfuse.dataset_prep.hooks import PrepError, PrepHook, atomic_write_text, hook_defaults_file
-from recbole_llmfuse.dataset_prep.item_text import read_item_file, sha256_file
+from recbole_llmfuse.dataset_prep.item_text import item_file_digest, read_item_file
 from recbole_llmfuse.generation import TemplateGenerator, cached_generate, make_generator
 
 
@@ -165,6 +165,7 @@ class ProfilesHook(PrepHook):
 
     name = "pte_profiles"
     cli = "profiles"
+    summary = "PtE's LLM-written user and item profiles -> <dataset>.userprof/itemprof.json"
     defaults_file = hook_defaults_file(name)
     uses_split = True
     runtime_params = ("auto_run", "batch_size", "concurrency", "timeout", "max_retries", "api_key_env", "reward_log")
@@ -236,7 +237,7 @@ class ProfilesHook(PrepHook):
 
     def fingerprint(self) -> dict:
         out = {"params": self.shaping_params(),
-               "item_file_sha256": sha256_file(self._item_file) if os.path.isfile(self._item_file) else None}
+               "item_file_sha256": item_file_digest(self._item_file)}
         if self.adapter_path and self.params["adapter"] not in TUNING_HOOKS:  # a hook's adapter: its digest chains
             from recbole_llmfuse.llm import adapter_digest
 

@@ -49,6 +49,15 @@ def freeze(model: nn.Module, module: nn.Module) -> None:
         ids.add(id(b))
 
 
+def unfreeze(model: nn.Module, params) -> None:
+    """Train ``params`` (tensors of a module :func:`freeze` marked) again and keep them in ``model``'s
+    checkpoints, e.g. the decoder's norms of an otherwise frozen LLM."""
+    ids = getattr(model, _FROZEN_ATTR, set())
+    for p in params:
+        p.requires_grad_(True)
+        ids.discard(id(p))
+
+
 def frozen_keys(model: nn.Module) -> set:
     """``state_dict`` keys of the tensors :func:`freeze` marked."""
     ids = getattr(model, _FROZEN_ATTR, None)
@@ -119,16 +128,9 @@ def write(path: str, model: nn.Module, config, optimizers: Optional[dict] = None
     if optimizers is not None:
         state["optimizer"] = (next(iter(optimizers.values())).state_dict() if len(optimizers) == 1
                               else {k: o.state_dict() for k, o in optimizers.items()})
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        torch.save(state, tmp, pickle_protocol=4)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from recbole_llmfuse.dataset_prep.itememb import atomic_write
+
+    atomic_write(path, lambda f: torch.save(state, f, pickle_protocol=4))  # never a half-written checkpoint
     return os.path.getsize(path)
 
 

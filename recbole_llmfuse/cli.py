@@ -152,18 +152,19 @@ def _models(_args) -> int:
     return 0
 
 
-#: `recbole-llmfuse prep <shortcut>` = `prep hook <name>`
-PREP_SHORTCUTS = {"embed": "item_text_embedding", "profiles": "pte_profiles", "sft": "profiler_sft",
-                  "grpo": "profiler_grpo"}
+def prep_shortcuts() -> dict:
+    """``{shortcut: hook class}``: ``recbole-llmfuse prep <shortcut>`` runs the hook whose ``cli`` it is (each
+    hook says its own; a package's hooks get theirs the same way)."""
+    from recbole_llmfuse.dataset_prep.hooks import available_hooks
+
+    return {h.cli: h for h in available_hooks().values() if h.cli}
 
 
-def _add_prep_arguments(prep: argparse.ArgumentParser) -> None:
+def _add_prep_arguments(prep: argparse.ArgumentParser, shortcuts: dict) -> None:
+    """``shortcuts``: :func:`prep_shortcuts` (empty unless the command is ``prep``: it imports every hook)."""
     sub = prep.add_subparsers(dest="prep_command", required=True)
-    for name, help_text in (("embed", "item text embeddings -> <dataset>.itememb(.npz)"),
-                            ("profiles", "PtE's LLM-written user and item profiles -> <dataset>.userprof/itemprof.json"),
-                            ("sft", "PtE's profiler, LoRA SFT on the teacher profiles -> <dataset>.profiler_sft/"),
-                            ("grpo", "PtE's profiler, GRPO with the Eq. 9-11 reward -> <dataset>.profiler_grpo/"),
-                            ("hook", "any hook by name")):
+    for name, help_text in ([(cli, h.summary or f"the {h.name} hook") for cli, h in shortcuts.items()]
+                            + [("hook", "any hook by name")]):
         p = sub.add_parser(name, help=help_text)
         if name == "hook":
             p.add_argument("hook", help="hook name (recbole_llmfuse.prep_hooks entry points included)")
@@ -221,7 +222,7 @@ def _prep(args: argparse.Namespace, rest: List[str]) -> int:
     from recbole_llmfuse.config import Config
     from recbole_llmfuse.dataset_prep.hooks import HookConflictError, get_hook, resolve
 
-    name = PREP_SHORTCUTS.get(args.prep_command) or args.hook
+    name = args.hook if args.prep_command == "hook" else prep_shortcuts()[args.prep_command].name
     get_hook(name)  # an unknown name fails before any config is read
     config_files = args.config_files.split() if args.config_files else []
     params = {}
@@ -384,7 +385,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     run_parser = sub.add_parser("run", help="train and test a model (same as run_recbole)")
     _add_run_arguments(run_parser)
     sub.add_parser("models", help="list every model usable by name, with the package that provides it")
-    _add_prep_arguments(sub.add_parser("prep", help="run a dataset-preparation hook (e.g. item text embeddings)"))
+    argv = _take_debug(argv)
+    _add_prep_arguments(sub.add_parser("prep", help="run a dataset-preparation hook (e.g. item text embeddings)"),
+                        prep_shortcuts() if argv[:1] == ["prep"] else {})
     from recbole_llmfuse import bench
 
     bench.add_arguments(sub.add_parser("bench", help="several models x seeds under one protocol: tables and plots"))
@@ -392,7 +395,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from recbole_llmfuse import tune
 
     tune.add_arguments(sub.add_parser("tune", help="Ray Tune sweep, reported every epoch (ASHA), any model"))
-    args, rest = parser.parse_known_args(_take_debug(argv))
+    args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return _guarded(lambda: bench.main_from_args(args, rest), "recbole-llmfuse bench")
     if args.command == "run":

@@ -162,11 +162,11 @@ class Config(RecBoleConfig):
 
         if self.final_config_dict.get("allow_unknown_keys"):
             return
-        from recbole_llmfuse.dataset_prep.hooks import available_hooks
+        from recbole_llmfuse.dataset_prep.hooks import hook_names
 
         # the hooks registered now (tests and notebooks register their own) and the keys of the model's tables
         tables = getattr(self.model_class, "feature_tables", ()) or ()
-        known = (known_keys() | set(self.internal_config_dict) | set(available_hooks())
+        known = (known_keys() | set(self.internal_config_dict) | set(hook_names())
                  | {f"{t.options}_{s}" for t in tables for s in ("format", "dim", "missing", "hook")})
         for where, keys in (("command line", self.cmd_config_dict), ("config_dict", self.variable_config_dict),
                             (" ".join(config_file_list or []) or "config file", self.file_config_dict)):
@@ -323,14 +323,10 @@ def _keys_under(folder: str) -> set:
 def known_keys() -> frozenset:
     """Every setting RecBole or this plugin knows: RecBole's argument lists, its YAMLs (overall, every model,
     datasets, quick start) and the keys its code reads; ours likewise (hook names included: their files are
-    ``properties/hooks/<hook>.yaml``); the hooks other packages register; the run command's own flags. Read
+    ``properties/hooks/<hook>.yaml``; every registered hook is added per run); the run command's own flags. Read
     from the files once per process, without importing anything."""
-    from importlib import metadata
-
     import recbole
     from recbole.utils import argument_list
-
-    from recbole_llmfuse.dataset_prep.hooks import ENTRY_POINT_GROUP
 
     keys = {k for name in dir(argument_list) if name.endswith("_arguments") for k in getattr(argument_list, name)}
     props = os.path.dirname(PLUGIN_OVERALL_YAML)
@@ -338,7 +334,6 @@ def known_keys() -> frozenset:
                    importlib.import_module("recbole_llmfuse.dataset_prep").__path__[0]):
         keys |= _keys_under(folder)
     keys |= {os.path.splitext(n)[0] for n in os.listdir(os.path.join(props, "hooks")) if n.endswith(".yaml")}
-    keys |= {ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
     keys |= {"model", "dataset", "config_files", "nproc", "ip", "port", "world_size", "offset", "local_rank",
              "allow_unknown_keys"}
     return frozenset(keys)

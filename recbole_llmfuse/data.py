@@ -410,7 +410,3 @@ class FeatureSequentialDataset(SequentialDataset):
     def item_embedding_table(self) -> np.ndarray:
         """float32 ``[n_items, dim]`` of the item text-embedding table (``item_text_emb``); row 0 zero."""
         return self.feature_table("item_text_emb")
-
-
-#: the name this class had before feature tables were declared by models
-LLMSequentialDataset = FeatureSequentialDataset

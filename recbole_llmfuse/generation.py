@@ -14,6 +14,9 @@ without an LLM). Backends:
   the client's own retries with exponential backoff (``max_retries``) and ``timeout``; an unreachable server
   is one error naming the URL.
 
+``sampling`` (every backend): ``max_new_tokens`` (required: the hook's YAML holds the default), ``temperature``
+(0 = greedy), optional ``top_p`` and ``seed``.
+
 :func:`cached_generate` keys every request by (backend fingerprint, prompt, sampling settings) in a
 :class:`~recbole_llmfuse.dataset_prep.hooks.RecordCache`: a rerun generates nothing, an interrupted run
 resumes with the records it committed (each batch is committed as it finishes).
@@ -92,7 +95,7 @@ class HFGenerator:
         bar = tqdm(total=len(texts), unit="record", desc="generating", disable=not self.progress)
         made, start = 0, time.perf_counter()
         do_sample = float(sampling.get("temperature", 0.0)) > 0
-        kwargs = {"max_new_tokens": int(sampling.get("max_new_tokens", 128)), "do_sample": do_sample,
+        kwargs = {"max_new_tokens": int(sampling["max_new_tokens"]), "do_sample": do_sample,
                   "pad_token_id": self.tokenizer.pad_token_id}
         if do_sample:
             kwargs.update(temperature=float(sampling["temperature"]), top_p=float(sampling.get("top_p", 1.0)))
@@ -144,7 +147,7 @@ class OpenAIGenerator:
         return f"openai:{self.base_url}|{self.model}|{'chat' if self.chat else 'completion'}{extra}"
 
     def _one(self, prompt: str, sampling: dict):
-        kwargs = {"model": self.model, "max_tokens": int(sampling.get("max_new_tokens", 128)),
+        kwargs = {"model": self.model, "max_tokens": int(sampling["max_new_tokens"]),
                   "temperature": float(sampling.get("temperature", 0.0)), "extra_body": self.extra_body or None}
         for key in ("top_p", "seed"):
             if sampling.get(key) is not None:

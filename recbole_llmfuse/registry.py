@@ -67,20 +67,20 @@ def _torch_version() -> str:
     return torch.__version__
 
 
-def _entry_points():
-    eps = metadata.entry_points()
-    if hasattr(eps, "select"):
-        return list(eps.select(group=ENTRY_POINT_GROUP))
-    return list(eps.get(ENTRY_POINT_GROUP, []))  # Python < 3.10
-
-
 @functools.lru_cache(maxsize=None)
-def plugin_entry_points() -> Dict[str, "metadata.EntryPoint"]:
-    """``{name: entry point}`` of every installed plugin model (first distribution wins on a clash)."""
+def entry_points(group: str) -> Dict[str, "metadata.EntryPoint"]:
+    """``{name: entry point}`` of an entry-point group over every installed distribution (first wins on a
+    clash), scanned once per process and group: models (``recbole_llmfuse.models``) and prep hooks
+    (``recbole_llmfuse.prep_hooks``) are found the same way."""
     found: Dict[str, metadata.EntryPoint] = {}
-    for ep in _entry_points():
+    for ep in metadata.entry_points(group=group):
         found.setdefault(ep.name, ep)
     return found
+
+
+def plugin_entry_points() -> Dict[str, "metadata.EntryPoint"]:
+    """``{name: entry point}`` of every installed plugin model."""
+    return entry_points(ENTRY_POINT_GROUP)
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,7 +102,7 @@ def recbole_model_names() -> Dict[str, str]:
 
 def refresh() -> None:
     """Forget cached lookups (after installing a package or changing ``sys.path`` at run time)."""
-    plugin_entry_points.cache_clear()
+    entry_points.cache_clear()
     recbole_model_names.cache_clear()
     importlib.invalidate_caches()
 

@@ -347,8 +347,10 @@ class Trainer(TrainerMixin, RecBoleTrainer):
                     scaler.update()
                     opt.zero_grad()  # the batch's next step (alternating models) starts from its own loss
                     stepped.add(group)
-            if show_progress and hasattr(self.model, "take_token_count"):  # LLM models: throughput in the bar
-                tokens += self.model.take_token_count()
+            # the model contract's token count (SequentialBase.take_token_count; RecBole's own models have none)
+            counted = getattr(self.model, "take_token_count", None)
+            tokens += counted() if counted else 0
+            if show_progress and tokens:  # LLM models: throughput in the bar
                 iter_data.set_postfix_str(f"{tokens / (time.perf_counter() - epoch_start):.0f} tokens/s")
             for group in stepped:  # one schedule step per batch and optimizer, however many steps it took
                 if group in self._schedulers:

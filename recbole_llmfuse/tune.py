@@ -32,7 +32,7 @@ from typing import Dict, List, Optional
 
 import yaml
 
-from recbole_llmfuse.config import ConfigError, parse_overrides
+from recbole_llmfuse.config import ConfigError, parse_overrides, read_yaml_file
 
 SPACE_KINDS = ("choice", "uniform", "loguniform", "quniform", "randint", "grid_search")
 
@@ -297,8 +297,7 @@ def summarize(grid, space, metric, max_t, out, model, dataset, config_files, ove
     if best is not None:
         merged: dict = {}
         for path in config_files:
-            with open(path) as f:
-                merged.update(yaml.safe_load(f) or {})
+            merged.update(read_yaml_file(path))
         merged.update({k: yaml.safe_load(v) for k, v in parse_overrides(overrides).items()})
         merged.update(fixed)
         merged.update({k: best[k] for k in space})

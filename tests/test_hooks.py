@@ -236,8 +236,8 @@ class Expensive(Upstream):
 
 @pytest.fixture
 def toy_hooks(monkeypatch):
-    real = hooks.builtin_hooks
-    monkeypatch.setattr(hooks, "builtin_hooks", lambda: {**real(), **{h.name: h for h in (Upstream, Downstream, Unrelated, Expensive)}})
+    for hook in (Upstream, Downstream, Unrelated, Expensive):  # registered in this process, as a notebook would
+        monkeypatch.setitem(hooks.REGISTERED, hook.name, hook)
 
 
 def test_dependencies_chain_fingerprints_and_rerun_only_what_depends(small_cfg, toy_hooks):
@@ -366,9 +366,9 @@ def test_declared_ragged_and_user_tables_load_row_aligned(small_cfg, monkeypatch
         feature_tables = (FeatureTable("item_tokens", hook="toy_item_tokens", ragged=True),
                           FeatureTable("user_vec", hook="toy_user_vectors", kind="user", options="user_emb"))
 
-    real_hooks, real_model = hooks.builtin_hooks, registry.get_model
-    monkeypatch.setattr(hooks, "builtin_hooks", lambda: {**real_hooks(), "toy_item_tokens": ItemTokens,
-                                                         "toy_user_vectors": UserVectors})
+    real_model = registry.get_model
+    monkeypatch.setitem(hooks.REGISTERED, "toy_item_tokens", ItemTokens)
+    monkeypatch.setitem(hooks.REGISTERED, "toy_user_vectors", UserVectors)
     monkeypatch.setattr(registry, "get_model", lambda name: WithTables if name == "WithTables" else real_model(name))
     config = Config("WithTables", SMALL, config_dict=small_cfg(user_emb_format="npz", user_emb_dim=2,
                                                                user_emb_missing="error"), argv=[])

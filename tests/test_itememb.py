@@ -95,7 +95,7 @@ def test_duplicates_and_nan_refused_at_write_and_read(emb_data):
     bad[4, 2] = np.nan
     _, npz_path = paths(os.path.join(emb_data, SMALL), SMALL)
     np.savez(npz_path, item_id=np.asarray(tokens), embedding=bad)  # written by someone else
-    with pytest.raises(ItemEmbeddingError, match=rf"item '{tokens[4]}' \(row 4\) contains NaN"):
+    with pytest.raises(ItemEmbeddingError, match=rf"item '{tokens[4]}' \(row 4, counted from 0\) contains NaN"):
         _dataset(emb_data)
 
 

@@ -16,7 +16,7 @@ from recbole_llmfuse.config import ConfigError
 from recbole_llmfuse.data import PREFIX_LENGTH_FIELD, cold_start_user_groups
 from recbole_llmfuse.dataset_prep.profiles import snapshot_lengths, snapshot_slot
 from recbole_llmfuse.model.base import uniform_negatives
-from recbole_llmfuse.model.pte import whitening
+from recbole_llmfuse.model.layers import whitening
 
 from conftest import TINY, write_tiny_dataset
 
@@ -211,14 +211,14 @@ def test_openai_backend_retries_runs_concurrently_and_reports_errors(served):
     assert _Server.peak[0] > 1  # requests were in flight together
     plain = make_generator("openai", model="served-llm", base_url=served, chat_template=False, max_retries=2,
                            progress=False)
-    assert plain.generate(requests[:1], {"temperature": 0.5})[0].endswith("t=0.5")
+    assert plain.generate(requests[:1], {"max_new_tokens": 8, "temperature": 0.5})[0].endswith("t=0.5")
     wrong = make_generator("openai", model="nope", base_url=served, max_retries=0, progress=False)
     with pytest.raises(ConfigError, match="HTTP 404 for model 'nope'"):
-        wrong.generate(requests[:1], {})
+        wrong.generate(requests[:1], {"max_new_tokens": 8})
     closed = make_generator("openai", model="served-llm", base_url="http://127.0.0.1:9/v1", max_retries=0,
                             timeout=5, progress=False)
     with pytest.raises(ConfigError, match=r"cannot reach http://127.0.0.1:9/v1 .*start the server"):
-        closed.generate(requests[:1], {})
+        closed.generate(requests[:1], {"max_new_tokens": 8})
 
 
 def test_profiles_hook_through_a_served_llm_then_cached(tmp_path, served):

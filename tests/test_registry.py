@@ -36,10 +36,43 @@ def third_party(tmp_path, monkeypatch):
     (pkg / "__init__.py").write_text(
         textwrap.dedent(
             """
+            import os
+
+            import numpy as np
             from recbole.model.sequential_recommender.sasrec import SASRec
+
+            from recbole_llmfuse import registry
+            from recbole_llmfuse.data import FeatureTable
+            from recbole_llmfuse.dataset_prep.hooks import PrepHook
+            from recbole_llmfuse.dataset_prep.item_text import build_item_texts
+            from recbole_llmfuse.dataset_prep.itememb import write_table
+            from recbole_llmfuse.model.morec import MoRec
 
             class ThirdPartySASRec(SASRec):
                 '''RecBole's SASRec under another name, shipped by another package.'''
+
+            class HashVectors(PrepHook):
+                '''A package's own hook: item vectors from a hash of each title (stands in for an LLM).'''
+                name = "tp_hash_vectors"
+                cli = "hashvec"
+                summary = "hashed title vectors -> <dataset>.hashvec.npz"
+                defaults = {"dim": 8}
+
+                def outputs(self):
+                    return [os.path.join(self.data_path, f"{self.dataset}.hashvec.npz")]
+
+                def run(self, **_):
+                    items = build_item_texts(self.data_path, self.dataset, None, None, None)
+                    rows = [np.random.default_rng(sum(map(ord, t))).standard_normal(int(self.params["dim"]))
+                            for t in items.texts]
+                    write_table(self.outputs()[0], items.tokens, np.asarray(rows, np.float32))
+                    self.write_manifest()
+                    return {"items": len(rows)}
+
+            class ThirdPartyTextRec(MoRec):
+                '''A live-model stand-in: MoRec over the package's own hook's vectors.'''
+                config_file = registry.model_config_file(MoRec)  # MoRec's defaults
+                feature_tables = (FeatureTable("item_text_emb", hook="tp_hash_vectors"),)
             """
         )
     )
@@ -49,6 +82,8 @@ def third_party(tmp_path, monkeypatch):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tp-recmodels\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(
         "[recbole_llmfuse.models]\nThirdPartySASRec = tp_recmodels:ThirdPartySASRec\n"
+        "ThirdPartyTextRec = tp_recmodels:ThirdPartyTextRec\n"
+        "[recbole_llmfuse.prep_hooks]\ntp_hash_vectors = tp_recmodels:HashVectors\n"
     )
     monkeypatch.syspath_prepend(str(site))
     registry.refresh()
@@ -114,3 +149,23 @@ def test_layering_order_matches_recbole(small_data_path):
     assert config["MAX_ITEM_LIST_LENGTH"] == 50  # RecBole's dataset defaults still apply
     assert config["train_neg_sample_args"]["distribution"] == "none"  # CE without RecBole's boilerplate
     assert os.path.isabs(config["data_path"])
+
+
+def test_a_packages_own_model_and_hook_run_with_no_edit_of_ours(third_party, tmp_path, capsys):
+    """Another package registers a model and the hook that makes its table (entry points only): `prep` finds
+    the hook's shortcut, and a run of the model makes the table by itself and trains."""
+    from recbole_llmfuse.cli import main
+    from recbole_llmfuse.dataset_prep.hooks import get_hook, hook_names
+    from recbole_llmfuse.synthetic import write_walks
+
+    data = str(tmp_path / "data")
+    write_walks(data, "w", users=12, items=10)
+    assert "tp_hash_vectors" in hook_names() and get_hook("tp_hash_vectors").__module__ == "tp_recmodels"
+    assert main(["prep", "hashvec", "--dataset", "w", "--data_path", data, "dim=4"]) == 0
+    assert "tp_hash_vectors: {'items': 10}" in capsys.readouterr().out
+    run = ["run", "--model=ThirdPartyTextRec", "--dataset=w", f"--data_path={data}", "--epochs=1", "--state=WARNING",
+           "--show_progress=False"]
+    assert main(run) == 2  # the run asks for dim 8 (the default): the dim-4 table is not replaced unasked ...
+    assert "`recbole-llmfuse prep hashvec --dataset w" in capsys.readouterr().err
+    assert main([*run, "--tp_hash_vectors={dim: 4}"]) == 0  # ... and with the same settings it is read and trains
+    assert '"model": "ThirdPartyTextRec"' in capsys.readouterr().out

@@ -97,6 +97,11 @@ class SequentialBase(SequentialRecommender):
             else:
                 self.register_buffer(table.name, torch.from_numpy(value), persistent=False)
 
+    def take_token_count(self) -> int:
+        """Model contract, for models that run an LLM: the decoder tokens processed since the last call (the
+        trainer adds them up and shows tokens/s in the progress bar). Models without an LLM count none."""
+        return 0
+
     def init_parameters(self) -> None:
         """RecBole's SASRec initialisation over every sub-module (call at the end of ``__init__``)."""
         self.apply(functools.partial(init_weights, std=self.initializer_range))

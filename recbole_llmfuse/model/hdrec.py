@@ -133,10 +133,7 @@ class HDRec(SequentialBase):
             self.adapter_of["id"] = "id"
         self._adapter_params = [p for name, p in self.llm.named_parameters() if ".lora_" in name]
         if config["train_norms"]:  # the released code trains the decoder's RMSNorms (spec §4.1); the paper does not
-            for name, p in self.llm.named_parameters():
-                if "norm" in name:
-                    p.requires_grad_(True)
-                    getattr(self, "_llmfuse_frozen_tensors").discard(id(p))
+            checkpoint.unfreeze(self, [p for name, p in self.llm.named_parameters() if "norm" in name])
 
         cf_dim = self.cf_emb.shape[1]
         self.proj = nn.Sequential(nn.Linear(cf_dim, self.hidden // 2), nn.SiLU(), nn.Linear(self.hidden // 2, self.hidden))

@@ -1,4 +1,5 @@
-"""Shared layers: the fast transformer sequence encoder every model of this package uses.
+"""Shared layers: the fast transformer sequence encoder every model of this package uses, and the whitening
+of frozen text tables (PtE, LLMInit).
 
 The block is RecBole's ``TransformerEncoder`` (post-LayerNorm BERT/SASRec block: attention -> dropout ->
 residual -> LayerNorm -> FFN -> dropout -> residual -> LayerNorm) with the same hyper-parameter names,
@@ -294,3 +295,21 @@ class _Activation(nn.Module):
 
     def extra_repr(self) -> str:
         return self.name
+
+
+def whitening(table: torch.Tensor, k: int, eps: float = 1e-6) -> torch.Tensor:
+    """``Whiten_k`` of spec PtE §4.7 (AlphaFuse's standardised PCA): centre the non-zero rows of ``table [N, d]``,
+    rotate to the covariance eigenbasis, scale each direction by ``1/sqrt(eigenvalue)``, keep the top ``k``.
+    Returns ``[N, k]`` (all-zero rows — padding, items without a vector — stay zero)."""
+    x = table.double()
+    rows = x.abs().sum(-1) > 0
+    k = min(k, table.shape[-1])
+    if int(rows.sum()) < 2:  # nothing to fit (e.g. no item profiles: item_mode text_only)
+        return torch.zeros(table.shape[0], k)
+    fit = x[rows]
+    mean = fit.mean(0)
+    cov = (fit - mean).T @ (fit - mean) / max(1, len(fit) - 1)
+    values, vectors = torch.linalg.eigh(cov)  # ascending
+    values, vectors = values.flip(0)[:k], vectors.flip(1)[:, :k]
+    out = (x - mean) @ vectors / torch.sqrt(values.clamp(min=eps))
+    return (out * rows.unsqueeze(-1)).float()

@@ -1,7 +1,6 @@
-"""PtE (Profile-then-Embedding): SASRec over LLM-written profile embeddings, and LLMInit, the baseline that
-initialises an ID table from the same kind of vectors.
+"""PtE (Profile-then-Embedding): SASRec over LLM-written profile embeddings.
 
-Spec PtE §4.7, §5.1 (SASRec-PtE) and §5.3 (LLMInit). The vectors come from preparation hooks:
+Spec PtE §4.7 and §5.1 (SASRec-PtE); LLMInit, the baseline of §5.3, is :mod:`recbole_llmfuse.model.llm_init`. The vectors come from preparation hooks:
 ``pte_profiles`` (LLM-written user and item profiles, spec §3) -> ``pte_embeddings`` (``f_enc``, spec §4.1), and
 ``item_text_embedding`` for the raw item text. Nothing here calls an LLM.
 """
@@ -13,26 +12,9 @@ from torch import nn
 
 from recbole_llmfuse.data import PREFIX_LENGTH_FIELD, FeatureTable
 from recbole_llmfuse.dataset_prep.profiles import snapshot_slot
-from recbole_llmfuse.model.base import IDSequentialRecommender, LLMFusedSequentialRecommender
+from recbole_llmfuse.model.base import LLMFusedSequentialRecommender
 from recbole_llmfuse.model.encoders import SequenceBackbone
-
-
-def whitening(table: torch.Tensor, k: int, eps: float = 1e-6) -> torch.Tensor:
-    """``Whiten_k`` of spec PtE §4.7 (AlphaFuse's standardised PCA): centre the non-zero rows of ``table [N, d]``,
-    rotate to the covariance eigenbasis, scale each direction by ``1/sqrt(eigenvalue)``, keep the top ``k``.
-    Returns ``[N, k]`` (all-zero rows — padding, items without a vector — stay zero)."""
-    x = table.double()
-    rows = x.abs().sum(-1) > 0
-    k = min(k, table.shape[-1])
-    if int(rows.sum()) < 2:  # nothing to fit (e.g. no item profiles: item_mode text_only)
-        return torch.zeros(table.shape[0], k)
-    fit = x[rows]
-    mean = fit.mean(0)
-    cov = (fit - mean).T @ (fit - mean) / max(1, len(fit) - 1)
-    values, vectors = torch.linalg.eigh(cov)  # ascending
-    values, vectors = values.flip(0)[:k], vectors.flip(1)[:, :k]
-    out = (x - mean) @ vectors / torch.sqrt(values.clamp(min=eps))
-    return (out * rows.unsqueeze(-1)).float()
+from recbole_llmfuse.model.layers import whitening
 
 
 def adapter(k: int, d: int, kind: str) -> nn.Module:
@@ -126,20 +108,3 @@ class PtE(LLMFusedSequentialRecommender):
         if self.user_fuse is None:
             return h + u
         return F.relu(self.user_fuse(torch.cat([h, u], -1)))
-
-
-class LLMInit(IDSequentialRecommender):
-    """LLMInit (spec PtE §5.3): SASRec whose trainable item table starts as ``Whiten_d`` (standardised PCA, as
-    AlphaFuse's "semantic space decomposition") of the frozen item text-embedding table, scaled to the ID
-    table's initial spread (``initializer_range``); everything else is SASRec."""
-
-    feature_tables = LLMFusedSequentialRecommender.feature_tables
-
-    def __init__(self, config, dataset):
-        super().__init__(config, dataset)
-        init = whitening(self.item_text_emb, self.hidden_size)
-        if init.shape[1] < self.hidden_size:
-            raise ValueError(f"LLMInit: the text vectors have {init.shape[1]} dims, fewer than hidden_size "
-                             f"{self.hidden_size}; lower hidden_size")
-        with torch.no_grad():
-            self.item_embedding.weight.copy_(init * config["llminit_scale"] * self.initializer_range)
