@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass, field
 from logging import getLogger
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from recbole_llmfuse.config import ConfigError
-from recbole_llmfuse.dataset_prep.itememb import atomic_write, temp_dir
+from recbole_llmfuse.errors import ConfigError
+from recbole_llmfuse.files import atomic_write, temp_dir
 
 #: Short dataset names used by the papers -> Amazon category file names.
 CATEGORIES = {

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import functools
 import glob
+import json
 import os
 import time
 from logging import getLogger
-import json
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -36,9 +36,16 @@ import torch
 from recbole_llmfuse.dataset_prep import itememb
 from recbole_llmfuse.dataset_prep.hooks import PrepError, PrepHook, hook_defaults_file
 from recbole_llmfuse.dataset_prep.item_text import build_item_texts, sha256_file
-from recbole_llmfuse.llm import (OFFLINE_MODELS, default_device, load_decoder, load_tokenizer,  # noqa: F401
-                                 resolve_model_path, torch_dtype)
-
+from recbole_llmfuse.files import atomic_write
+from recbole_llmfuse.llm import (  # noqa: F401
+    OFFLINE_MODELS,
+    default_device,
+    load_decoder,
+    load_tokenizer,
+    resolve_model_path,
+    torch_dtype,
+)
+from recbole_llmfuse.ray_runtime import ray_session
 
 
 class TextEncoder(torch.nn.Module):
@@ -377,8 +384,6 @@ class ItemTextEmbeddingHook(PrepHook):
 
     def _ray(self):
         """Joins ``ray_address`` or starts a local Ray with ``ray_workers`` CPUs, for the encoding only."""
-        from recbole_llmfuse.tune import ray_session
-
         return ray_session(self.params["ray_address"], int(self.params["ray_workers"]))
 
     @property
@@ -429,4 +434,4 @@ def _shard_rows(k: int, size: int, n_items: int) -> range:
 
 
 def _save_part(path: str, vectors: np.ndarray) -> None:
-    itememb.atomic_write(path, lambda f: np.savez(f, embedding=vectors.astype(np.float32)))
+    atomic_write(path, lambda f: np.savez(f, embedding=vectors.astype(np.float32)))

@@ -26,7 +26,8 @@ Rules that let a hook carry GPU-hours of work:
 * **Record cache.** :class:`RecordCache` keeps one entry per item / user / prompt (SQLite), so a
   generation hook's rerun computes only the missing records.
 
-Hooks are found by name: built-ins here, plus the ``recbole_llmfuse.prep_hooks`` entry-point group. Each
+Hooks are found by name like models (:mod:`recbole_llmfuse.registry`: the ``recbole_llmfuse.prep_hooks``
+entry-point group, ours included, after hooks registered in the process). Each
 hook's parameters come from the config key of the same name (a dict), over the hook's defaults
 (``properties/hooks/<name>.yaml`` for ours).
 """
@@ -42,34 +43,24 @@ import shutil
 import sqlite3
 import time
 from logging import getLogger
-from typing import Dict, Iterable, List, Optional, Type
+from typing import Dict, Iterable, List, Optional
 
 import yaml
 
-from recbole_llmfuse.config import ConfigError
-from recbole_llmfuse.dataset_prep.itememb import atomic_write
+import recbole_llmfuse.properties as props
+from recbole_llmfuse.errors import HookConflictError, PrepError, PrepRequiredError  # noqa: F401  (re-exported)
+from recbole_llmfuse.files import atomic_write, atomic_write_text  # noqa: F401  (hooks import it from here)
+from recbole_llmfuse.registry import HOOK_ENTRY_POINT_GROUP as ENTRY_POINT_GROUP  # noqa: F401
+from recbole_llmfuse.registry import REGISTERED_HOOKS as REGISTERED  # noqa: F401  (tests register toy hooks here)
+from recbole_llmfuse.registry import available_hooks, get_hook, hook_names, register_hook  # noqa: F401
+from recbole_llmfuse.stats import check_protocol, cold_start_user_groups
 
-ENTRY_POINT_GROUP = "recbole_llmfuse.prep_hooks"
 MANIFEST_VERSION = 2
 STALE_POLICIES = ("error", "use", "rerun")
 
 
-class PrepError(ConfigError):
-    """A hook that cannot run or whose output cannot be used as asked; the message says what to do."""
-
-
-class PrepRequiredError(PrepError):
-    """An expensive hook (``auto_run: false``) must be run by hand first."""
-
-
-class HookConflictError(PrepError):
-    """An existing output was made with other settings than the run asks for."""
-
-
 def hook_defaults_file(name: str) -> str:
     """``properties/hooks/<name>.yaml`` of this package (the commented defaults of a built-in hook)."""
-    import recbole_llmfuse.properties as props
-
     return os.path.join(os.path.dirname(props.__file__), "hooks", f"{name}.yaml")
 
 
@@ -102,8 +93,6 @@ class TrainingSplit:
     def _arrays(self):
         import numpy as np
         from recbole.data.dataset import Dataset
-
-        from recbole_llmfuse.data import check_protocol, cold_start_user_groups
 
         dataset = Dataset(self.config)
         uid, iid, tid = dataset.uid_field, dataset.iid_field, dataset.time_field
@@ -447,45 +436,6 @@ class PrepHook:
                 if not any(os.path.exists(p) for p in self.outputs()):
                     os.remove(self.pending_path)  # nothing half-written to mark
                 raise
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-#: hooks registered in this process (:func:`register_hook`: notebooks, tests), found before the entry points
-REGISTERED: Dict[str, Type[PrepHook]] = {}
-
-
-def register_hook(cls: Type[PrepHook]) -> Type[PrepHook]:
-    """Make ``cls`` findable by its ``name`` in this process (usable as a class decorator). Packages register
-    theirs in the ``recbole_llmfuse.prep_hooks`` entry-point group, as this one does."""
-    REGISTERED[cls.name] = cls
-    return cls
-
-
-def hook_names() -> List[str]:
-    """Every hook name, without importing any hook module."""
-    from recbole_llmfuse.registry import entry_points
-
-    return sorted({*REGISTERED, *entry_points(ENTRY_POINT_GROUP)})
-
-
-def available_hooks() -> Dict[str, Type[PrepHook]]:
-    """``{name: hook class}``: hooks registered in this process, then every ``recbole_llmfuse.prep_hooks``
-    entry point (ours included: a hook is found like a model, by name)."""
-    return {name: get_hook(name) for name in hook_names()}
-
-
-def get_hook(name: str) -> Type[PrepHook]:
-    from recbole_llmfuse.registry import entry_points
-
-    if name in REGISTERED:
-        return REGISTERED[name]
-    found = entry_points(ENTRY_POINT_GROUP).get(name)
-    if found is None:
-        raise PrepError(f"unknown prep hook '{name}'; available: {hook_names()}")
-    return found.load()
 
 
 def make_hook(name: str, config, data_path: Optional[str] = None, overrides: Optional[dict] = None) -> PrepHook:

@@ -23,13 +23,9 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from recbole_llmfuse.atomic import header_names
-from recbole_llmfuse.config import ConfigError
+from recbole_llmfuse.errors import ConfigError, ItemTextError  # noqa: F401  (ItemTextError re-exported)
 
 DEFAULT_FALLBACK = "unknown item"
-
-
-class ItemTextError(ConfigError):
-    """An ``.item`` file or text setting that cannot give item texts; the message names the file and the fix."""
 
 
 @dataclass

@@ -15,13 +15,14 @@ models receive a table whose row ``i`` is RecBole's internal item id ``i`` (row 
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
 from recbole_llmfuse.atomic import is_float
+from recbole_llmfuse.errors import ItemEmbeddingError  # noqa: F401  (re-exported: its users import it here)
+from recbole_llmfuse.files import atomic_write
 
 ID_FIELD = "iid"
 VALUE_FIELD = "item_emb"
@@ -33,46 +34,10 @@ NPZ_ID_KEYS = {"item": "item_id", "user": "user_id"}
 DEFAULT_SUFFIX = "itememb"
 
 
-class ItemEmbeddingError(ValueError):
-    """An item-embedding file that cannot be used as is; the message names the file and the fix."""
-
-
 def paths(data_path: str, dataset: str, suffix: str = DEFAULT_SUFFIX) -> Tuple[str, str]:
     """``(text_path, npz_path)`` of a dataset's embedding files."""
     text = os.path.join(data_path, f"{dataset}.{suffix}")
     return text, text + ".npz"
-
-
-def umask_mode(directory: bool = False) -> int:
-    """The mode a plain ``open`` / ``mkdir`` would give under the user's umask (``tempfile`` uses 0600 / 0700,
-    which would make a shared data folder unreadable to colleagues)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
-
-
-def temp_dir(parent: str, prefix: str) -> str:
-    """A new temporary folder inside ``parent`` (to be renamed into place), with the umask's mode."""
-    path = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    os.chmod(path, umask_mode(directory=True))
-    return path
-
-
-def atomic_write(path: str, write) -> None:
-    """Call ``write(binary_file)`` on a temp file beside ``path``, then rename it to ``path`` (no partial files;
-    the file gets the umask's mode)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_item_embeddings(

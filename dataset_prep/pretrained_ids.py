@@ -16,8 +16,12 @@ from typing import List
 
 import numpy as np
 
+from recbole_llmfuse import checkpoint
+from recbole_llmfuse.config import Config
 from recbole_llmfuse.dataset_prep import itememb
 from recbole_llmfuse.dataset_prep.hooks import PrepHook, hook_defaults_file
+from recbole_llmfuse.files import temp_dir
+from recbole_llmfuse.quick_start import execute
 
 #: config keys that shape the dataset and its split: the pre-training run must see the same ones
 SPLIT_KEYS = ("load_col", "unload_col", "unused_col", "rm_dup_inter", "val_interval", "filter_inter_by_user_or_item",
@@ -37,13 +41,9 @@ class SASRecItemTableHook(PrepHook):
         return glob.glob(os.path.join(self.data_path, f".{self.dataset}.{self.name}-*"))
 
     def run(self, **_) -> dict:
-        from recbole_llmfuse import checkpoint
-        from recbole_llmfuse.config import Config
-        from recbole_llmfuse.quick_start import execute
-
         settings = {k: self.config[k] for k in SPLIT_KEYS if self.config[k] is not None}
         params = {k: v for k, v in self.params.items() if k not in ("model", "auto_run")}
-        work = itememb.temp_dir(self.data_path, f".{self.dataset}.{self.name}-")
+        work = temp_dir(self.data_path, f".{self.dataset}.{self.name}-")
         try:
             config = Config(self.params["model"], self.dataset, argv=[], config_dict={
                 **settings, **params, "data_path": os.path.dirname(self.data_path), "checkpoint_dir": work,

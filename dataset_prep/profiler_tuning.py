@@ -28,8 +28,11 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from recbole_llmfuse.dataset_prep.hooks import PrepError, PrepHook, atomic_write_text, hook_defaults_file
+from recbole_llmfuse.dataset_prep.encoder_lora import model_files_fingerprint
+from recbole_llmfuse.dataset_prep.hooks import PrepError, PrepHook, atomic_write_text, hook_defaults_file, make_hook
 from recbole_llmfuse.dataset_prep.profiles import profile_stem
+from recbole_llmfuse.dataset_prep.pte_rewards import paper_logsigmoid
+from recbole_llmfuse.llm import ADAPTER_CHAIN_FILE, default_device, default_gguf_file, load_causal_lm, load_tokenizer
 
 #: the file in the TRL work folder naming the fingerprint its checkpoints belong to
 WORK_DIGEST = "fingerprint.txt"
@@ -60,8 +63,6 @@ class ProfilerTuningHook(PrepHook):
 
     @functools.cached_property
     def teacher(self):
-        from recbole_llmfuse.dataset_prep.hooks import make_hook
-
         return make_hook("pte_profiles", self.config, self.data_path, self.teacher_overrides())
 
     @property
@@ -83,8 +84,6 @@ class ProfilerTuningHook(PrepHook):
         return self.params["model"] or self.teacher.params["model"]
 
     def fingerprint(self) -> dict:
-        from recbole_llmfuse.dataset_prep.encoder_lora import model_files_fingerprint
-
         return {"params": self.shaping_params(), "model": self.model_name,
                 "model_files": model_files_fingerprint(self.model_name)}
 
@@ -113,15 +112,11 @@ class ProfilerTuningHook(PrepHook):
     # -- model and tokenizer -----------------------------------------------------------------------------
     @property
     def device(self) -> str:
-        from recbole_llmfuse.llm import default_device
-
         return self.params["device"] or default_device()
 
     def load(self, adapters=None):
         """``(model, tokenizer)``: the model to tune on :attr:`device` (bf16 on CUDA, fp32 on CPU unless
         ``dtype``), GGUF de-quantised, ``adapters`` merged in (the starting point of a new LoRA)."""
-        from recbole_llmfuse.llm import default_gguf_file, load_causal_lm, load_tokenizer
-
         gguf = default_gguf_file(self.model_name, self.params["gguf_file"] or self.teacher.params["gguf_file"])
         tokenizer = load_tokenizer(self.model_name, gguf)
         model = load_causal_lm(self.model_name, self.device, self.params["dtype"], gguf, adapters=adapters,
@@ -342,8 +337,6 @@ class ProfilerGRPOHook(ProfilerTuningHook):
 
     @functools.cached_property
     def sft(self):
-        from recbole_llmfuse.dataset_prep.hooks import make_hook
-
         return make_hook("profiler_sft", self.config, self.data_path) if self.params["sft"] else None
 
     @property
@@ -423,7 +416,6 @@ class ProfilerGRPOHook(ProfilerTuningHook):
         super().write_extra(folder, history)
         if self.sft is not None:  # the GRPO adapter applies on top of the merged SFT adapter
             base = os.path.relpath(self.sft.adapter_dir, self.adapter_dir)
-            from recbole_llmfuse.llm import ADAPTER_CHAIN_FILE
 
             atomic_write_text(os.path.join(folder, ADAPTER_CHAIN_FILE), json.dumps({"base_adapters": [base]}))
 
@@ -455,8 +447,6 @@ class PtEReward:
         self.refreshes = 0
 
     def __call__(self, prompts, completions, entity, kind, log_metric=None, **_) -> List[float]:
-        from recbole_llmfuse.dataset_prep.pte_rewards import paper_logsigmoid
-
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         out: List[Optional[dict]] = [None] * len(texts)
         for k, rewarder in self.rewarders.items():

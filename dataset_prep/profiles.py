@@ -19,10 +19,21 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import scipy.sparse as sp
 
-from recbole_llmfuse.config import ConfigError
-from recbole_llmfuse.dataset_prep.hooks import PrepError, PrepHook, atomic_write_text, hook_defaults_file
+from recbole_llmfuse.dataset_prep import itememb
+from recbole_llmfuse.dataset_prep.embed import ENCODER_KEYS, make_encoder
+from recbole_llmfuse.dataset_prep.hooks import (
+    PrepError,
+    PrepHook,
+    atomic_write_text,
+    get_hook,
+    hook_defaults_file,
+    make_hook,
+)
 from recbole_llmfuse.dataset_prep.item_text import item_file_digest, read_item_file
+from recbole_llmfuse.dataset_prep.pte_rewards import ProfileReward
+from recbole_llmfuse.errors import ConfigError
 from recbole_llmfuse.generation import TemplateGenerator, cached_generate, make_generator
+from recbole_llmfuse.llm import adapter_digest, resolve_model_path
 
 
 def overlap_neighbors(histories: Dict[str, Sequence[str]], k: int, score: str = "overlap_ratio",
@@ -86,15 +97,6 @@ def snapshot_lengths(n: int) -> List[int]:
     return out
 
 
-def snapshot_slot(prefix_length, slots: int):
-    """Snapshot slot an instance with ``prefix_length`` history items reads: the largest power of two
-    ``<= prefix_length`` (slot ``floor(log2 n)``), capped at ``slots - 1`` (a table with one slot: always 0)."""
-    import torch
-
-    n = torch.as_tensor(prefix_length).clamp(min=1).float()
-    return torch.floor(torch.log2(n)).long().clamp(max=slots - 1)
-
-
 #: hooks whose adapter ``pte_profiles``' ``adapter`` may name (``dataset_prep.profiler_tuning``)
 TUNING_HOOKS = ("profiler_sft", "profiler_grpo")
 #: ``pte_profiles`` parameters of the reward (Eq. 9-11): they shape only scored profiles
@@ -105,8 +107,6 @@ REWARD_PARAMS = ("lambda_c", "lambda_d", "reward_items", "format_guard", "best_o
 def reward_encoder_params(config) -> dict:
     """``f_enc`` of spec PtE §4.1: the ``pte_embeddings`` hook's encoder settings (``backend`` and the encoder
     keys) for ``config`` — one encoder for the rewards and the features."""
-    from recbole_llmfuse.dataset_prep.embed import ENCODER_KEYS
-    from recbole_llmfuse.dataset_prep.hooks import get_hook
 
     params = {**get_hook("pte_embeddings").default_params(), **((config["pte_embeddings"] if config else None) or {})}
     return {k: params[k] for k in ("backend", *ENCODER_KEYS) if k in params and k not in ("device", "batch_size")
@@ -208,8 +208,6 @@ class ProfilesHook(PrepHook):
         """The adapter folder(s) of ``adapter`` (a tuning hook's name resolves to that hook's adapter)."""
         adapter = self.params["adapter"]
         if adapter in TUNING_HOOKS:
-            from recbole_llmfuse.dataset_prep.hooks import make_hook
-
             return make_hook(adapter, self.config, self.data_path).adapter_dir
         return adapter
 
@@ -239,7 +237,6 @@ class ProfilesHook(PrepHook):
         out = {"params": self.shaping_params(),
                "item_file_sha256": item_file_digest(self._item_file)}
         if self.adapter_path and self.params["adapter"] not in TUNING_HOOKS:  # a hook's adapter: its digest chains
-            from recbole_llmfuse.llm import adapter_digest
 
             try:
                 out["adapter_sha256"] = adapter_digest(self.adapter_path)
@@ -304,13 +301,10 @@ class ProfilesHook(PrepHook):
         """``encode(texts) -> [n, d]`` of one of the two encoders (see :meth:`_encode`), loaded once."""
         if reward not in self._encoders:
             if reward:
-                from recbole_llmfuse.dataset_prep.embed import make_encoder
-
                 self._encoders[reward] = make_encoder(reward_encoder_params(self.config))
             else:
                 from sentence_transformers import SentenceTransformer
 
-                from recbole_llmfuse.llm import resolve_model_path
 
                 model = SentenceTransformer(resolve_model_path(self.params["encoder"]), device="cpu")
                 self._encoders[reward] = _Encode(model)
@@ -407,8 +401,6 @@ class ProfilesHook(PrepHook):
         training items (item profile ``p_v*``, else the item's text; ``reward_items``) and their overlap
         neighbours' profiles; items against their users' profiles (metadata-only items: their own text) and the
         items sharing most of their users (spec §4.5)."""
-        from recbole_llmfuse.dataset_prep.pte_rewards import ProfileReward
-
         p = self.params
         self.check_reward_settings()
         guard = {"fields": lambda t: well_formed(t, kind), "words": lambda t: len(t.split()) >= 10,
@@ -452,8 +444,6 @@ class ProfilesHook(PrepHook):
         import csv
         import io
 
-        from recbole_llmfuse.dataset_prep.hooks import atomic_write_text as write
-
         p, k = self.params, self.best_of_k
         temps = [float(t) for t in (p["best_of_k_temperatures"] or [p["temperature"]])]
         profiles = {"user": dict(user_p), "item": dict(item_p)}
@@ -490,12 +480,12 @@ class ProfilesHook(PrepHook):
                 rows.append([kind, key, k_kind, best, *(group[best][c] for c in ("reward", "collab", "dist")),
                              group[best]["well_formed"], float(np.mean([s["reward"] for s in group]))])
         log_path, csv_path = self.outputs()[3:5]
-        write(log_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in log))
+        atomic_write_text(log_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in log))
         buf = io.StringIO()
         out = csv.writer(buf)
         out.writerow(["kind", "entity", "k", "chosen", "reward", "collab", "dist", "well_formed", "mean_reward"])
         out.writerows(rows)
-        write(csv_path, buf.getvalue())
+        atomic_write_text(csv_path, buf.getvalue())
         return {"profiles": profiles, "summary": reward_summary(rows)}
 
     def rewards(self) -> dict:
@@ -583,7 +573,7 @@ class ProfileEmbeddingHook(PrepHook):
     """PtE's profiles -> vectors (spec PtE §4.1, §4.6 without best-of-K): ``<dataset>.pteitem.npz`` (item
     profiles, ``[n, d]``) and ``<dataset>.pteuser.npz`` (users, ``[n, S, d]``: slot ``s`` holds the profile of
     the user's first ``2**s`` items when snapshots exist, else every slot the full profile; models read slot
-    :func:`snapshot_slot`). Encoders are the item_text_embedding hook's backends (one ``f_enc`` for everything,
+    :func:`recbole_llmfuse.model.pte.snapshot_slot`). Encoders are the item_text_embedding hook's backends (one ``f_enc`` for everything,
     spec §4.1); the fingerprint chains to ``pte_profiles``, so new profiles mean new vectors."""
 
     name = "pte_embeddings"
@@ -593,8 +583,6 @@ class ProfileEmbeddingHook(PrepHook):
 
     @functools.cached_property
     def _profiles(self) -> PrepHook:
-        from recbole_llmfuse.dataset_prep.hooks import make_hook
-
         return make_hook("pte_profiles", self.config, self.data_path)
 
     def outputs(self) -> List[str]:
@@ -607,8 +595,6 @@ class ProfileEmbeddingHook(PrepHook):
         return self.outputs()[output == "user"], None
 
     def run(self, progress: bool = True, **_) -> dict:
-        from recbole_llmfuse.dataset_prep import itememb
-        from recbole_llmfuse.dataset_prep.embed import make_encoder
 
         start = time.perf_counter()
         user_path, item_path, snap_path = self._profiles.outputs()[:3]

@@ -30,7 +30,8 @@ from typing import Dict, List
 import numpy as np
 
 from recbole_llmfuse.atomic import header_names
-from recbole_llmfuse.dataset_prep.itememb import temp_dir
+from recbole_llmfuse.errors import SparsifyError
+from recbole_llmfuse.files import temp_dir
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,6 @@ class SparsifyOptions:
     user_field: str = "user_id"
     item_field: str = "item_id"
     time_field: str = "timestamp"
-
-
-class SparsifyError(ValueError):
-    """The source dataset or the options cannot give a sparse variant (the message says why and what to do)."""
 
 
 def _read_inter(path: str, options: SparsifyOptions):

@@ -15,7 +15,6 @@ import json
 import os
 import time
 
-import recbole_llmfuse
 from recbole_llmfuse.config import Config
 from recbole_llmfuse.data import write_ml100k_slice
 from recbole_llmfuse.quick_start import execute

@@ -9,6 +9,7 @@ _compat.apply()
 
 from recbole_llmfuse.config import Config, ConfigError  # noqa: E402
 from recbole_llmfuse.data import DatasetNotFoundError, create_dataset, data_preparation  # noqa: E402
+from recbole_llmfuse.errors import LLMFuseError  # noqa: E402
 from recbole_llmfuse.quick_start import (  # noqa: E402
     load_data_and_model,
     objective_function,
@@ -16,18 +17,15 @@ from recbole_llmfuse.quick_start import (  # noqa: E402
     run_recbole,
     run_recboles,
 )
-from recbole_llmfuse.registry import (  # noqa: E402
-    ModelNotFoundError,
-    available_models,
-    get_model,
-    get_trainer,
-)
+from recbole_llmfuse.registry import ModelNotFoundError, available_models, get_model  # noqa: E402
+from recbole_llmfuse.trainer import get_trainer  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Config",
     "ConfigError",
+    "LLMFuseError",
     "DatasetNotFoundError",
     "ModelNotFoundError",
     "available_models",

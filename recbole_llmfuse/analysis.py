@@ -19,7 +19,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from recbole_llmfuse.config import ConfigError
+from recbole_llmfuse.dataset_prep import itememb
+from recbole_llmfuse.errors import ConfigError
+from recbole_llmfuse.quick_start import load_data_and_model
+from recbole_llmfuse.stats import frequency_buckets, training_counts
 
 
 def sequence_pairs(item_seqs: np.ndarray, lengths: np.ndarray, targets: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
@@ -108,8 +111,6 @@ def item_table(model, name: str) -> np.ndarray:
 
 def _load(path: str, cache: dict):
     if path not in cache:
-        from recbole_llmfuse.quick_start import load_data_and_model
-
         if not os.path.isfile(path):
             raise ConfigError(f"checkpoint {path} does not exist")
         cache[path] = load_data_and_model(path)
@@ -126,8 +127,6 @@ def _spec(text: str) -> Tuple[str, str]:
 def kendall_report(ref: str, comparisons: Sequence[str], out: str, max_pairs: int = 200_000, seed: int = 0,
                    n_buckets: int = 10) -> List[dict]:
     """Kendall tau per bucket of each ``CKPT:TABLE`` in ``comparisons`` against ``ref``; CSV + PNG in ``out``."""
-    from recbole_llmfuse.data import frequency_buckets, training_counts
-
     cache: dict = {}
     ref_path, ref_table = _spec(ref)
     _, ref_model, _, train_data, _, test_data = _load(ref_path, cache)
@@ -253,8 +252,6 @@ def isi(u: np.ndarray, v: np.ndarray, seeds: Sequence[int] = (0, 1, 2, 3, 4), cl
 def _space(spec: str, cache: dict):
     """``NAME=CKPT.pth:TABLE`` (a trained model's item table, see :func:`item_table`) or ``NAME=FILE.npz``
     (a feature table keyed by item token) -> ``(name, kind, value)``."""
-    from recbole_llmfuse.dataset_prep import itememb
-
     name, sep, source = spec.partition("=")
     if not sep or not name or not source:
         raise ConfigError(f"'{spec}': write NAME=CHECKPOINT.pth:TABLE or NAME=FILE.npz (e.g. text=dataset/ml-100k/"

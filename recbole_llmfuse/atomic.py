@@ -20,15 +20,11 @@ import os
 from logging import getLogger
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from recbole_llmfuse.config import ConfigError
+from recbole_llmfuse.errors import AtomicFileError, ConfigError  # noqa: F401  (AtomicFileError re-exported)
 
 #: the field types RecBole 1.2.1 knows (``recbole.utils.FeatureType``)
 ATOMIC_TYPES = ("token", "token_seq", "float", "float_seq")
 HEADER_EXAMPLE = "user_id:token<TAB>item_id:token<TAB>timestamp:float"
-
-
-class AtomicFileError(ConfigError):
-    """A malformed atomic file; the message names the file, the line, the field and the fix."""
 
 
 BOM = b"\xef\xbb\xbf"

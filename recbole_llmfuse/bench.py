@@ -30,6 +30,12 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from recbole_llmfuse.config import Config, ConfigError, parse_overrides
+from recbole_llmfuse.data import prepare
+from recbole_llmfuse.quick_start import execute
+from recbole_llmfuse.registry import get_model
+from recbole_llmfuse.tune import parse_space, run_tune
+
 REPORT_GROUPS = ("", "/head", "/tail", "/tail_users")
 
 
@@ -43,10 +49,6 @@ def _worker(spec: dict) -> List[dict]:
     import resource
 
     import torch
-
-    import recbole_llmfuse  # noqa: F401
-    from recbole_llmfuse.config import Config
-    from recbole_llmfuse.quick_start import execute
 
     name, variant = parse_variant(spec["model"])
     config = Config(
@@ -104,7 +106,6 @@ def parse_variant(label: str):
     """
     import yaml
 
-    from recbole_llmfuse.config import ConfigError
 
     if "[" not in label:
         return label, {}
@@ -270,10 +271,6 @@ def _run_one(n: int, total: int, spec: dict, out: str, metrics, resume: bool, en
 def prepare_once(models, dataset, config_files, overrides) -> None:
     """Run every model's preparation hooks here, once, before any worker starts (they then find the files
     fresh; the hooks' lock would also serialise them, but one process doing it is simpler to follow)."""
-    import recbole_llmfuse  # noqa: F401
-    from recbole_llmfuse.config import Config
-    from recbole_llmfuse.data import prepare
-
     for model in models:
         name, variant = parse_variant(model)
         try:
@@ -308,8 +305,6 @@ def tune_models(models, dataset, space: str, samples: int, config_files, overrid
                 jobs: int = 1, resume: bool = False, grace_period: int = 1) -> dict:
     """One Tune sweep per model with the same space, trials, scheduler (ASHA) and epoch cap; returns
     ``{"budget": words, "chosen": {model: {key: value}}}``. A model's bracket settings stay fixed in its sweep."""
-    from recbole_llmfuse.tune import parse_space, run_tune
-
     keys = list(parse_space(space))
     chosen = {}
     for model in models:
@@ -342,8 +337,6 @@ def tune_models(models, dataset, space: str, samples: int, config_files, overrid
 def load_tuned(models, folder: str) -> dict:
     """``{"budget", "chosen"}`` from an earlier bench's ``tune/`` folder (``<model>/chosen.json`` per model; a
     variant ``MoRec[...]`` without its own folder uses ``MoRec/chosen.json``)."""
-    from recbole_llmfuse.config import ConfigError
-
     chosen = {}
     for model in models:
         path = os.path.join(folder, _stem(model), "chosen.json")
@@ -437,15 +430,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main_from_args(args: argparse.Namespace, overrides: List[str]) -> int:
-    from recbole_llmfuse.config import ConfigError, parse_overrides
-
     parse_overrides(overrides)
     sep = ";" if ";" in args.models or "[" in args.models else ","
     models = [m.strip() for m in args.models.split(sep) if m.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     metrics = [m.lower() for m in args.report_metrics.split(",")]
     config_files = [os.path.abspath(p) for p in args.config_files.split()] if args.config_files else []
-    from recbole_llmfuse.registry import get_model
 
     for model in models:  # fail fast, before the first run: a malformed NAME[key=value] or an unknown NAME
         get_model(parse_variant(model)[0])

@@ -23,11 +23,8 @@ import torch
 from torch import nn
 
 from recbole_llmfuse.compat import trusted_torch_load
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model; the message names the file and the keys."""
-
+from recbole_llmfuse.errors import CheckpointError
+from recbole_llmfuse.files import atomic_write
 
 _FROZEN_ATTR = "_llmfuse_frozen_tensors"
 
@@ -128,8 +125,6 @@ def write(path: str, model: nn.Module, config, optimizers: Optional[dict] = None
     if optimizers is not None:
         state["optimizer"] = (next(iter(optimizers.values())).state_dict() if len(optimizers) == 1
                               else {k: o.state_dict() for k, o in optimizers.items()})
-    from recbole_llmfuse.dataset_prep.itememb import atomic_write
-
     atomic_write(path, lambda f: torch.save(state, f, pickle_protocol=4))  # never a half-written checkpoint
     return os.path.getsize(path)
 

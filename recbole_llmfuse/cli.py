@@ -14,6 +14,16 @@ import os
 import sys
 from typing import List, Optional
 
+import recbole_llmfuse
+from recbole_llmfuse import bench, tune
+from recbole_llmfuse.analysis import isi_report, kendall_report
+from recbole_llmfuse.config import Config, ConfigError, parse_overrides, read_yaml_file
+from recbole_llmfuse.data import dataset_folder, prepare_folder
+from recbole_llmfuse.dataset_prep import amazon, sparsify
+from recbole_llmfuse.dataset_prep.hooks import HookConflictError, available_hooks, get_hook, resolve
+from recbole_llmfuse.errors import LLMFuseError
+from recbole_llmfuse.registry import available_models
+
 ERROR_EXIT = 2
 
 
@@ -39,8 +49,6 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _from_config_files(paths: List[str]) -> dict:
     """``model``/``dataset`` named in config files (later files win), so ``--config_files best.yaml`` suffices."""
-    from recbole_llmfuse.config import read_yaml_file
-
     found = {}
     for path in paths:
         data = read_yaml_file(path)
@@ -53,9 +61,6 @@ def _fmt(result: dict) -> str:
 
 
 def _run(args: argparse.Namespace, overrides: List[str], prog: str) -> int:
-    import recbole_llmfuse
-    from recbole_llmfuse.config import parse_overrides
-
     parse_overrides(overrides)  # fail fast, before any data is loaded
     if args.allow_unknown_keys:
         overrides = [*overrides, "--allow_unknown_keys=True"]
@@ -108,17 +113,10 @@ def _strict(value):
 
 
 def _guarded(fn, prog: str) -> int:
-    from recbole_llmfuse.checkpoint import CheckpointError
-    from recbole_llmfuse.config import ConfigError
-    from recbole_llmfuse.data import DatasetNotFoundError
-    from recbole_llmfuse.dataset_prep.itememb import ItemEmbeddingError
-    from recbole_llmfuse.llm import ModelPathError
-    from recbole_llmfuse.registry import ModelNotFoundError
-
+    """Run a command; bad input (any :class:`~recbole_llmfuse.errors.LLMFuseError`) is one line and exit 2."""
     try:
         return fn()
-    except (ConfigError, ModelNotFoundError, DatasetNotFoundError, ItemEmbeddingError, ModelPathError,
-            CheckpointError) as err:
+    except LLMFuseError as err:
         if _DEBUG:
             raise
         print(f"{prog}: error: {err}", file=sys.stderr)
@@ -145,8 +143,6 @@ def run_recbole_main(argv: Optional[List[str]] = None) -> int:
 
 
 def _models(_args) -> int:
-    from recbole_llmfuse.registry import available_models
-
     for name, source in available_models().items():
         print(f"{name}\t{source}")
     return 0
@@ -155,8 +151,6 @@ def _models(_args) -> int:
 def prep_shortcuts() -> dict:
     """``{shortcut: hook class}``: ``recbole-llmfuse prep <shortcut>`` runs the hook whose ``cli`` it is (each
     hook says its own; a package's hooks get theirs the same way)."""
-    from recbole_llmfuse.dataset_prep.hooks import available_hooks
-
     return {h.cli: h for h in available_hooks().values() if h.cli}
 
 
@@ -212,15 +206,10 @@ def _add_prep_arguments(prep: argparse.ArgumentParser, shortcuts: dict) -> None:
 
 
 def _prep(args: argparse.Namespace, rest: List[str]) -> int:
-    import recbole_llmfuse  # noqa: F401  (compat shims)
-    from recbole_llmfuse.config import ConfigError, read_yaml_file
-
     if args.prep_command == "amazon":
         return _prep_amazon(args, rest)
     if args.prep_command == "sparsify":
         return _prep_sparsify(args, rest)
-    from recbole_llmfuse.config import Config
-    from recbole_llmfuse.dataset_prep.hooks import HookConflictError, get_hook, resolve
 
     name = args.hook if args.prep_command == "hook" else prep_shortcuts()[args.prep_command].name
     get_hook(name)  # an unknown name fails before any config is read
@@ -242,7 +231,6 @@ def _prep(args: argparse.Namespace, rest: List[str]) -> int:
         settings[key] = _hook_value(value)
     config = Config(args.model, args.dataset, config_file_list=config_files or None,
                     config_dict={**settings, "data_path": os.path.abspath(args.data_path), name: params}, argv=[])
-    from recbole_llmfuse.data import prepare_folder
 
     prepare_folder(config)
     *upstream, hook = resolve(config, [name])
@@ -276,8 +264,6 @@ def _hook_value(text: str):
 
 
 def _prep_amazon(args: argparse.Namespace, rest: List[str]) -> int:
-    from recbole_llmfuse.config import ConfigError
-    from recbole_llmfuse.dataset_prep import amazon
 
     if rest:
         raise ConfigError(f"unrecognized arguments: {' '.join(rest)}")
@@ -318,19 +304,13 @@ def _prep_amazon(args: argparse.Namespace, rest: List[str]) -> int:
 
 
 def _prep_sparsify(args: argparse.Namespace, rest: List[str]) -> int:
-    from recbole_llmfuse.config import ConfigError
-    from recbole_llmfuse.data import dataset_folder
-    from recbole_llmfuse.dataset_prep import sparsify
 
     if rest:
         raise ConfigError(f"unrecognized arguments: {' '.join(rest)}")
     options = sparsify.SparsifyOptions(mean_length=args.mean_length, min_user=args.min_user,
                                        min_item=args.min_item, seed=args.seed)
-    try:
-        report = sparsify.sparsify(dataset_folder(args.dataset, args.data_path), args.dataset,
-                                   os.path.abspath(os.path.expanduser(args.data_path)), args.name, options, args.force)
-    except sparsify.SparsifyError as err:
-        raise ConfigError(str(err)) from None
+    report = sparsify.sparsify(dataset_folder(args.dataset, args.data_path), args.dataset,
+                               os.path.abspath(os.path.expanduser(args.data_path)), args.name, options, args.force)
     print(sparsify.table(report))
     print(f"wrote {report['folder']} (rule and statistics: {args.name}.sparsify.json)")
     return 0
@@ -357,10 +337,6 @@ def _add_analyze_arguments(analyze: argparse.ArgumentParser) -> None:
 
 
 def _analyze(args: argparse.Namespace, rest: List[str]) -> int:
-    import recbole_llmfuse  # noqa: F401  (compat shims)
-    from recbole_llmfuse.analysis import isi_report, kendall_report
-    from recbole_llmfuse.config import ConfigError
-
     if rest:
         raise ConfigError(f"unrecognized arguments: {' '.join(rest)}")
     if args.analyze_command == "isi":
@@ -388,11 +364,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = _take_debug(argv)
     _add_prep_arguments(sub.add_parser("prep", help="run a dataset-preparation hook (e.g. item text embeddings)"),
                         prep_shortcuts() if argv[:1] == ["prep"] else {})
-    from recbole_llmfuse import bench
 
     bench.add_arguments(sub.add_parser("bench", help="several models x seeds under one protocol: tables and plots"))
     _add_analyze_arguments(sub.add_parser("analyze", help="diagnostics of trained models (Kendall-tau alignment, ISI)"))
-    from recbole_llmfuse import tune
 
     tune.add_arguments(sub.add_parser("tune", help="Ray Tune sweep, reported every epoch (ASHA), any model"))
     args, rest = parser.parse_known_args(argv)

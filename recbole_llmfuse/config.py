@@ -25,6 +25,10 @@ from recbole.config import Config as RecBoleConfig
 from recbole.utils import InputType, ModelType
 
 from recbole_llmfuse import registry
+from recbole_llmfuse.atomic import header_names
+from recbole_llmfuse.errors import ConfigError
+from recbole_llmfuse.files import writable_dir
+
 
 #: recbole_llmfuse's own defaults (trainer, group metrics, feature tables, hooks), layered for every model.
 def _recbole_lowercase_model_yaml(model: str):
@@ -42,10 +46,6 @@ PLUGIN_OVERALL_YAML = os.path.join(os.path.dirname(importlib.import_module("recb
                                    "overall.yaml")
 
 _OVERRIDE = re.compile(r"^--([A-Za-z_][\w.\-]*)=(.*)$", re.S)
-
-
-class ConfigError(ValueError):
-    """A bad configuration value or command-line override."""
 
 
 def read_yaml_file(path: str) -> dict:
@@ -162,11 +162,9 @@ class Config(RecBoleConfig):
 
         if self.final_config_dict.get("allow_unknown_keys"):
             return
-        from recbole_llmfuse.dataset_prep.hooks import hook_names
-
         # the hooks registered now (tests and notebooks register their own) and the keys of the model's tables
         tables = getattr(self.model_class, "feature_tables", ()) or ()
-        known = (known_keys() | set(self.internal_config_dict) | set(hook_names())
+        known = (known_keys() | set(self.internal_config_dict) | set(registry.hook_names())
                  | {f"{t.options}_{s}" for t in tables for s in ("format", "dim", "missing", "hook")})
         for where, keys in (("command line", self.cmd_config_dict), ("config_dict", self.variable_config_dict),
                             (" ".join(config_file_list or []) or "config file", self.file_config_dict)):
@@ -196,6 +194,17 @@ class Config(RecBoleConfig):
         for k in (topk if isinstance(topk, list) else [topk] if topk is not None else []):
             if isinstance(k, bool) or not isinstance(k, int) or k < 1:
                 raise ConfigError(f"topk {topk!r}: cut-offs are whole numbers >= 1 (e.g. --topk=[10,20])")
+        # RecBole computes metric@k for the k in topk only: another k ends the first validation in a bare KeyError
+        valid = re.match(r"^([A-Za-z_]+)@(\d+)", str(final.get("valid_metric") or ""))
+        cutoffs = topk if isinstance(topk, list) else [topk]
+        metrics = [str(m).lower() for m in (final.get("metrics") or [])] if isinstance(final.get("metrics"), list) else None
+        if valid and int(valid.group(2)) not in cutoffs:
+            raise ConfigError(f"valid_metric {final['valid_metric']}: @{valid.group(2)} is not among topk {topk}; add it "
+                              f"(e.g. --topk=[{','.join(str(k) for k in sorted({*cutoffs, int(valid.group(2))}))}]) or "
+                              f"validate at one of {cutoffs}")
+        if valid and metrics is not None and valid.group(1).lower() not in metrics:
+            raise ConfigError(f"valid_metric {final['valid_metric']}: {valid.group(1)} is not among metrics {final['metrics']}; "
+                              f"add it to metrics or validate on one of them")
 
     # -- model lookup -------------------------------------------------------------------------------
     def _get_model_and_dataset(self, model, dataset):
@@ -286,8 +295,6 @@ class Config(RecBoleConfig):
                 or not isinstance(load_col, dict) or not time_field or time_field in (load_col.get("inter") or [])):
             return
         path = os.path.join(final["data_path"], f"{self.dataset}.inter")
-        from recbole_llmfuse.atomic import header_names
-
         try:
             names = header_names(path)
         except OSError:
@@ -337,20 +344,6 @@ def known_keys() -> frozenset:
     keys |= {"model", "dataset", "config_files", "nproc", "ip", "port", "world_size", "offset", "local_rank",
              "allow_unknown_keys"}
     return frozenset(keys)
-
-
-def writable_dir(path: str, setting: str) -> str:
-    """``path``, created if missing; a folder that cannot be made or written raises :class:`ConfigError` now,
-    not after training (when the checkpoint is saved)."""
-    import tempfile
-
-    try:
-        os.makedirs(path, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as err:
-        raise ConfigError(f"{setting} {path}: cannot write there ({err.strerror or err}); choose a writable folder, "
-                          f"e.g. --{setting}=saved") from None
-    return path
 
 
 def output_dir(wanted: Optional[str] = None) -> str:

@@ -5,7 +5,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from logging import getLogger
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import recbole
@@ -16,15 +16,13 @@ from recbole.utils import FeatureSource, FeatureType, ModelType
 
 from recbole_llmfuse import registry
 from recbole_llmfuse.atomic import AtomicFileError, check_dataset, header_names
+from recbole_llmfuse.dataset_prep import amazon, itememb
 from recbole_llmfuse.dataset_prep import hooks as prep_hooks
-from recbole_llmfuse.dataset_prep import itememb
-from recbole_llmfuse.dataset_prep.itememb import ItemEmbeddingError, temp_dir
+from recbole_llmfuse.errors import DatasetNotFoundError, ItemEmbeddingError
+from recbole_llmfuse.files import temp_dir
+from recbole_llmfuse.stats import check_protocol, cold_start_user_groups
 
 EMBEDDED_DATASETS = ("ml-100k",)
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The dataset's atomic files are not where the config says."""
 
 
 def embedded_dataset_dir(name: str) -> str:
@@ -113,8 +111,6 @@ def _check_atomic_files(config) -> None:
         return
     if _has_split_files(config):
         return
-    from recbole_llmfuse.dataset_prep import amazon
-
     root = os.path.dirname(path)
     make = (f" Make it from the Amazon Reviews files: `{amazon.prep_command(name, config['model'], root)}`."
             if name in amazon.CATEGORIES or name in amazon.CATEGORIES.values() else
@@ -216,103 +212,8 @@ def create_dataset(config):
     return recbole_create_dataset(config)
 
 
-# -- evaluation protocols ------------------------------------------------------------------------------
-PROTOCOLS = ("recbole", "cold_start_user")
 #: the interaction field holding each sequential instance's true history length (before the window cut)
 PREFIX_LENGTH_FIELD = "prefix_length"
-
-
-def check_protocol(config) -> str:
-    protocol = config["eval_protocol"]
-    if protocol not in PROTOCOLS:
-        raise ItemEmbeddingError(f"eval_protocol '{protocol}': choose one of {', '.join(PROTOCOLS)}")
-    if protocol == "cold_start_user":
-        ratios = config["cold_start_ratios"]
-        if not (isinstance(ratios, (list, tuple)) and len(ratios) == 3 and all(r >= 0 for r in ratios)
-                and sum(ratios) > 0):
-            raise ItemEmbeddingError(f"cold_start_ratios must be three non-negative numbers (train, valid, test "
-                                     f"users), e.g. [0.8, 0.1, 0.1]; got {ratios!r}")
-    return protocol
-
-
-def cold_start_user_groups(users: np.ndarray, times: np.ndarray, ratios: Sequence[float]) -> np.ndarray:
-    """Cold-start-user split (PtE spec §7.1, after DreamRec/AlphaFuse): users ordered by the time of their
-    *last* interaction (ties by user id), the oldest ``ratios[0]`` share trains, the next ``ratios[1]``
-    validates, the newest the rest tests. ``users``/``times``: one entry per interaction. Returns
-    ``group [max(users) + 1]`` (0 train, 1 valid, 2 test; -1 for ids without interactions)."""
-    users = np.asarray(users)
-    n = int(users.max()) + 1 if len(users) else 1
-    last = np.full(n, -np.inf)
-    np.maximum.at(last, users, np.asarray(times, dtype=np.float64))
-    present = np.flatnonzero(np.isfinite(last))
-    order = present[np.lexsort((present, last[present]))]
-    r = np.asarray(ratios, dtype=np.float64) / float(sum(ratios))
-    n_train = int(round(r[0] * len(order)))
-    n_valid = int(round(r[1] * len(order)))
-    group = np.full(n, -1, dtype=np.int64)
-    group[order[:n_train]] = 0
-    group[order[n_train:n_train + n_valid]] = 1
-    group[order[n_train + n_valid:]] = 2
-    return group
-
-
-# -- training-split statistics (models and the evaluation read them from here) ----------------------
-def training_counts(train_dataset) -> tuple:
-    """``(item_counts [n_items], user_counts [n_users])``: training interactions per item and per user.
-
-    Works on RecBole's augmented sequential training data (one row per prefix: the targets, plus each
-    user's first item, seen only in the rows of length 1) and on plain interaction data.
-    """
-    feat = train_dataset.inter_feat
-    iid, uid = train_dataset.iid_field, train_dataset.uid_field
-    n_items, n_users = train_dataset.item_num, train_dataset.user_num
-    items = feat[iid].numpy()
-    users = feat[uid].numpy()
-    item_counts = np.bincount(items, minlength=n_items)
-    user_counts = np.bincount(users, minlength=n_users)
-    list_field = iid + train_dataset.config["LIST_SUFFIX"]
-    if list_field in feat.columns:
-        first = feat[train_dataset.config["ITEM_LIST_LENGTH_FIELD"]].numpy() == 1
-        item_counts += np.bincount(feat[list_field][:, 0].numpy()[first], minlength=n_items)
-        user_counts += np.bincount(users[first], minlength=n_users)
-    item_counts[0] = user_counts[0] = 0
-    return item_counts, user_counts
-
-
-def item_groups(item_counts: np.ndarray, head_ratio: float, n_buckets: int) -> Dict[str, np.ndarray]:
-    """``is_head [n_items]`` and ``bucket [n_items]`` (1 = warmest .. ``n_buckets``; padding 0).
-
-    Items are ranked by (training count desc, item id asc); the first ``ceil(head_ratio * n)`` are head;
-    buckets split the ranking into equal item counts. Items never seen in training rank last.
-    """
-    n = len(item_counts) - 1
-    order = np.lexsort((np.arange(1, n + 1), -item_counts[1:])) + 1  # item ids, most popular first
-    rank = np.empty(n + 1, dtype=np.int64)
-    rank[order] = np.arange(n)
-    rank[0] = -1
-    is_head = np.zeros(n + 1, dtype=bool)
-    is_head[order[: int(np.ceil(head_ratio * n))]] = True
-    bucket = np.zeros(n + 1, dtype=np.int64)
-    bucket[1:] = rank[1:] * n_buckets // n + 1
-    return {"is_head": is_head, "bucket": bucket}
-
-
-def tail_users(user_counts: np.ndarray, tail_ratio: float) -> np.ndarray:
-    """``is_tail [n_users]``: users in the shortest ``tail_ratio`` of training histories (ties by user id)."""
-    n = len(user_counts) - 1
-    order = np.lexsort((np.arange(1, n + 1), user_counts[1:])) + 1  # shortest first
-    out = np.zeros(n + 1, dtype=bool)
-    out[order[: int(round(tail_ratio * n))]] = True
-    return out
-
-
-def frequency_buckets(item_counts: np.ndarray, n_buckets: int) -> np.ndarray:
-    """``bucket [n_items]``: 1 (most frequent) .. ``n_buckets`` (coldest); padding 0.
-
-    Rank-based equal-size buckets over (count desc, item id asc), the same rule as the evaluation's
-    popularity buckets; items never seen in training rank last.
-    """
-    return item_groups(item_counts, 0.0, n_buckets)["bucket"]
 
 
 class FeatureSequentialDataset(SequentialDataset):
@@ -406,7 +307,3 @@ class FeatureSequentialDataset(SequentialDataset):
         if name not in self._feature_tables:
             raise KeyError(f"no feature table '{name}'; this dataset has {sorted(self._feature_tables)}")
         return self._feature_tables[name]
-
-    def item_embedding_table(self) -> np.ndarray:
-        """float32 ``[n_items, dim]`` of the item text-embedding table (``item_text_emb``); row 0 zero."""
-        return self.feature_table("item_text_emb")

@@ -30,7 +30,8 @@ import torch
 from recbole.evaluator import Collector, Evaluator
 from recbole.evaluator.base_metric import TopkMetric
 
-from recbole_llmfuse.data import item_groups, tail_users, training_counts
+from recbole_llmfuse.errors import ConfigError
+from recbole_llmfuse.stats import item_groups, tail_users, training_counts
 
 GROUPINGS = ("item_popularity", "item_buckets", "user_history")
 _KEYS = ("rec.group_user", "rec.group_item", "rec.target_rank")
@@ -45,8 +46,6 @@ def groupings(config) -> tuple:
     value = [value] if isinstance(value, str) else list(value)
     unknown = sorted(set(value) - set(GROUPINGS))
     if unknown:
-        from recbole_llmfuse.config import ConfigError
-
         raise ConfigError(f"group_metrics: unknown grouping(s) {unknown}; choose from {list(GROUPINGS)} or true")
     return tuple(value)
 

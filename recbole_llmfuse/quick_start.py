@@ -12,19 +12,19 @@ import contextlib
 import os
 import sys
 from collections.abc import MutableMapping
-from logging import getLogger
 from dataclasses import dataclass
+from logging import getLogger
 from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
-
 from recbole.data.transform import construct_transform
 from recbole.utils import get_environment, get_flops, init_logger, init_seed, set_color
 
 from recbole_llmfuse import checkpoint, registry
 from recbole_llmfuse.config import Config, ConfigError
 from recbole_llmfuse.data import create_dataset, data_preparation, prepare_folder
+from recbole_llmfuse.trainer import get_trainer
 
 
 @contextlib.contextmanager
@@ -41,9 +41,9 @@ def in_output_dir(config):
 
 
 def make_trainer(config, model):
-    """The model's trainer (:func:`recbole_llmfuse.registry.get_trainer`: callbacks, timing, lean
+    """The model's trainer (:func:`recbole_llmfuse.trainer.get_trainer`: callbacks, timing, lean
     checkpoints; group metrics installed when ``config['group_metrics']`` asks)."""
-    return registry.get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    return get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
 
 
 def build(config, logger=None):

@@ -1,12 +1,16 @@
-"""Find models (and their trainers and default YAMLs) by name.
+"""Find models (and their default YAMLs) and prep hooks by name: one entry-point scan, cached per process.
 
 Lookup order for a model name (the RecBole-GNN pattern: extend RecBole's lookup, then fall back to it):
 
+0. models registered in this process with :func:`register_model` (a notebook's, a docs example's);
 1. the ``recbole_llmfuse.models`` entry-point group — this package's models and those of any other
    installed package that declares ``Name = module:Class`` in that group;
 2. RecBole's built-in models (``SASRec``, ``GRU4Rec``, ``BERT4Rec``, ...).
 
-An unknown name raises :class:`ModelNotFoundError`, which lists every available name.
+An unknown name raises :class:`ModelNotFoundError`, which lists every available name. Prep hooks are found
+the same way in the ``recbole_llmfuse.prep_hooks`` group (after those registered in the process). The
+trainer of a model is found by :func:`recbole_llmfuse.trainer.get_trainer`. This module imports nothing of
+the package but its errors: every layer may look a name up.
 """
 from __future__ import annotations
 
@@ -16,9 +20,12 @@ import importlib.util
 import inspect
 import os
 from importlib import metadata
-from typing import Dict, Optional, Type
+from typing import Dict, List, Optional, Type
+
+from recbole_llmfuse.errors import ModelNotFoundError, PrepError
 
 ENTRY_POINT_GROUP = "recbole_llmfuse.models"
+HOOK_ENTRY_POINT_GROUP = "recbole_llmfuse.prep_hooks"
 
 #: RecBole's model sub-packages. ``exlib_recommender`` (LightGBM/XGBoost) is only searched when its
 #: libraries are installed: RecBole's own ``get_model`` answers an unknown name with
@@ -30,10 +37,6 @@ _RECBOLE_SUBPACKAGES = (
     "knowledge_aware_recommender",
     "exlib_recommender",
 )
-
-
-class ModelNotFoundError(ValueError):
-    """Raised for a model name that no entry point and no RecBole module defines."""
 
 
 #: RecBole models that import an optional package (at import or in the middle of training):
@@ -76,6 +79,24 @@ def entry_points(group: str) -> Dict[str, "metadata.EntryPoint"]:
     for ep in metadata.entry_points(group=group):
         found.setdefault(ep.name, ep)
     return found
+
+
+#: classes registered in this process (notebooks, tests, the docs' examples) by entry-point group, found before
+#: the entry points; packages register theirs in the groups themselves, as this one does (setup.cfg)
+REGISTERED: Dict[str, Dict[str, type]] = {ENTRY_POINT_GROUP: {}, HOOK_ENTRY_POINT_GROUP: {}}
+REGISTERED_MODELS, REGISTERED_HOOKS = REGISTERED[ENTRY_POINT_GROUP], REGISTERED[HOOK_ENTRY_POINT_GROUP]
+
+
+def register_model(cls: type) -> type:
+    """Make a model class findable by its class name in this process (usable as a class decorator)."""
+    REGISTERED_MODELS[cls.__name__] = cls
+    return cls
+
+
+def register_hook(cls: type) -> type:
+    """Make a prep hook class findable by its ``name`` in this process (usable as a class decorator)."""
+    REGISTERED_HOOKS[cls.name] = cls
+    return cls
 
 
 def plugin_entry_points() -> Dict[str, "metadata.EntryPoint"]:
@@ -141,6 +162,7 @@ def available_models() -> Dict[str, str]:
     for name, ep in plugin_entry_points().items():
         dist = getattr(ep, "dist", None)
         out[name] = dist.metadata["Name"] if dist is not None else ep.value
+    out.update({name: cls.__module__ for name, cls in REGISTERED_MODELS.items()})
     return dict(sorted(out.items(), key=lambda kv: kv[0].lower()))
 
 
@@ -148,6 +170,8 @@ def get_model(name: str) -> Type:
     """The model class registered under ``name`` (plugins first, then RecBole)."""
     if not isinstance(name, str):
         return name
+    if name in REGISTERED_MODELS:
+        return REGISTERED_MODELS[name]
     ep = plugin_entry_points().get(name)
     if ep is not None:
         return ep.load()
@@ -161,21 +185,6 @@ def get_model(name: str) -> Type:
         f"another package is found once that package is installed and declares it in the "
         f"'{ENTRY_POINT_GROUP}' entry-point group."
     )
-
-
-def get_trainer(model_type, model_name):
-    """The trainer class for a model: its ``trainer_class`` attribute if it has one, else RecBole's rule;
-    either way with :class:`recbole_llmfuse.trainer.TrainerMixin` (callbacks, timing, lean checkpoints),
-    and RecBole's plain ``Trainer`` replaced by :class:`recbole_llmfuse.trainer.Trainer` (step-level training)."""
-    from recbole.utils import get_trainer as recbole_get_trainer
-
-    from recbole_llmfuse.trainer import with_run_hooks
-
-    model_class = get_model(model_name)
-    trainer = getattr(model_class, "trainer_class", None)
-    if trainer is None:
-        trainer = recbole_get_trainer(model_type, model_class.__name__)
-    return with_run_hooks(trainer)
 
 
 def model_config_file(model_class: type) -> Optional[str]:
@@ -203,3 +212,24 @@ def model_config_file(model_class: type) -> Optional[str]:
         if os.path.isfile(candidate):
             return candidate
     return None
+
+
+def hook_names() -> List[str]:
+    """Every prep hook name, without importing any hook module."""
+    return sorted({*REGISTERED_HOOKS, *entry_points(HOOK_ENTRY_POINT_GROUP)})
+
+
+def get_hook(name: str) -> type:
+    """The prep hook class registered under ``name`` (this process's registrations, then the entry points)."""
+    if name in REGISTERED_HOOKS:
+        return REGISTERED_HOOKS[name]
+    found = entry_points(HOOK_ENTRY_POINT_GROUP).get(name)
+    if found is None:
+        raise PrepError(f"unknown prep hook '{name}'; available: {hook_names()}")
+    return found.load()
+
+
+def available_hooks() -> Dict[str, type]:
+    """``{name: hook class}``: hooks registered in this process, then every ``recbole_llmfuse.prep_hooks``
+    entry point (ours included: a hook is found like a model, by name)."""
+    return {name: get_hook(name) for name in hook_names()}

@@ -35,12 +35,14 @@ gives phases their own rate.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import sys
 import time
 from collections import defaultdict
 from logging import getLogger
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -49,8 +51,8 @@ from recbole.utils import get_local_time, set_color
 from torch.nn.utils.clip_grad import clip_grad_norm_
 from tqdm import tqdm
 
-from recbole_llmfuse import checkpoint
-from recbole_llmfuse.config import ConfigError
+from recbole_llmfuse import checkpoint, registry
+from recbole_llmfuse.errors import ConfigError
 from recbole_llmfuse.evaluation import enable_group_metrics
 
 SCHEDULES = ("none", "constant", "linear", "cosine")
@@ -459,3 +461,31 @@ def with_run_hooks(trainer_class: type) -> type:
         _WRAPPED[trainer_class] = type(trainer_class.__name__, (hooks, trainer_class),
                                        {"__module__": __name__, "__doc__": trainer_class.__doc__})
     return _WRAPPED[trainer_class]
+
+
+def trainer_class(model_class: type) -> Optional[type]:
+    """The trainer a model names in its ``trainer_class`` attribute, found by name as RecBole finds trainers (so
+    a model never imports the trainer layer): ``"StagedTrainer"`` is looked up in this module, then in
+    ``recbole.trainer``; ``"package.module:Class"`` names another package's; a class is taken as is. ``None``
+    when the model names none."""
+    named = getattr(model_class, "trainer_class", None)
+    if named is None or isinstance(named, type):
+        return named
+    module_name, sep, attr = named.rpartition(":")
+    modules = [importlib.import_module(module_name)] if sep else [sys.modules[__name__],
+                                                                   importlib.import_module("recbole.trainer")]
+    for module in modules:
+        if isinstance(getattr(module, attr, None), type):
+            return getattr(module, attr)
+    raise ConfigError(f"{model_class.__name__}.trainer_class '{named}': no such trainer in "
+                      f"{', '.join(m.__name__ for m in modules)}; name a trainer class there or give 'package.module:Class'")
+
+
+def get_trainer(model_type, model_name) -> type:
+    """The trainer class for a model: the one its ``trainer_class`` names (:func:`trainer_class`), else RecBole's
+    rule; either way with :class:`TrainerMixin` (callbacks, timing, lean checkpoints), and RecBole's plain
+    ``Trainer`` replaced by :class:`Trainer` (step-level training)."""
+    from recbole.utils import get_trainer as recbole_get_trainer
+
+    model_class = registry.get_model(model_name)
+    return with_run_hooks(trainer_class(model_class) or recbole_get_trainer(model_type, model_class.__name__))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import csv
 import math
 import os
@@ -32,7 +31,12 @@ from typing import Dict, List, Optional
 
 import yaml
 
-from recbole_llmfuse.config import ConfigError, parse_overrides, read_yaml_file
+from recbole_llmfuse.config import Config, ConfigError, parse_overrides, read_yaml_file
+from recbole_llmfuse.data import prepare
+from recbole_llmfuse.quick_start import execute
+from recbole_llmfuse.ray_runtime import ray_session, worker_setup
+from recbole_llmfuse.registry import get_model
+from recbole_llmfuse.trainer import StagedTrainer, trainer_class
 
 SPACE_KINDS = ("choice", "uniform", "loguniform", "quniform", "randint", "grid_search")
 
@@ -112,14 +116,6 @@ def to_tune(space: Dict[str, dict]) -> dict:
     return out
 
 
-def worker_setup() -> None:
-    """Runs first in every Ray worker: our compat shims must precede Ray's own ``ray.tune`` import there
-    (ray 2.6.3's tensorboardX logger reads ``np.bool8``, gone in numpy 2)."""
-    from recbole_llmfuse import compat
-
-    compat.apply()
-
-
 # -- one trial ---------------------------------------------------------------------------------------------
 def _plain(value):
     """numpy scalars (Ray's sampled values, RecBole's metrics) -> Python numbers for YAML/JSON."""
@@ -146,27 +142,6 @@ class TuneReporter:
                              "valid_score": float(trainer.best_valid_score), "epoch": self.reports, "fit_done": 1})
 
 
-@contextlib.contextmanager
-def ray_session(address: Optional[str], num_cpus: Optional[int], **kwargs):
-    """Ray for one piece of work: joins the cluster at ``address`` (``auto``, ``HOST:PORT``, ``ray://HOST:10001``),
-    or starts a private local Ray with ``num_cpus`` when ``address`` is empty; uses the Ray already initialised in
-    this process, if any. What it started it shuts down at the end, so the next sweep or prep run gets a Ray with
-    its own settings instead of inheriting these. ``"local"``, not ``None``: without an address Ray joins whatever
-    ``ray start`` last recorded on this machine (``/tmp/ray/ray_current_cluster``, left behind even when that head
-    is gone) and then refuses ``num_cpus``."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address or "local", num_cpus=None if address else num_cpus, include_dashboard=False,
-                 log_to_driver=False, **kwargs)
-    try:
-        yield ray
-    finally:
-        if started:
-            ray.shutdown()
-
-
 def ray_api():
     """``(report, RunConfig, FailureConfig)`` of the installed Ray: ``ray.tune``'s own (Ray >= 2.40, the
     documented install), else ``ray.air``'s (ray 2.6.3, what a plain ``pip install`` resolves to)."""
@@ -183,11 +158,6 @@ def ray_api():
 def train_trial(params: dict, setup: dict) -> None:
     """Ray function trainable: one run (the package's run path) that reports every validation to Tune."""
     session = ray_api()[0]
-
-    import recbole_llmfuse  # noqa: F401  (compat shims in the worker)
-    from recbole_llmfuse.config import Config
-    from recbole_llmfuse.quick_start import execute
-
     params = {k: _plain(v) for k, v in params.items()}
     config = Config(setup["model"], setup["dataset"], config_file_list=setup["config_files"] or None,
                     config_dict={**setup["fixed"], **params, "show_progress": False}, argv=setup["overrides"])
@@ -214,9 +184,6 @@ def run_tune(model: str, dataset: str, space_file: str, out: str, config_files: 
     """Run the sweep; returns ``{"rows": [...], "best": {...} | None, "failed": n, "stopped_early": n}``."""
     from ray import tune
 
-    import recbole_llmfuse  # noqa: F401
-    from recbole_llmfuse.config import Config
-
     space = parse_space(space_file)
     parse_overrides(overrides)
     out = os.path.abspath(out)
@@ -224,17 +191,11 @@ def run_tune(model: str, dataset: str, space_file: str, out: str, config_files: 
     config_files = [os.path.abspath(p) for p in config_files]
     # every path a trial sees is absolute: Ray runs trials in their own directories
     probe = Config(model, dataset, config_file_list=config_files or None, argv=overrides)
-    from recbole_llmfuse.data import prepare
-
     prepare(probe)  # hooks run once here, before any trial (trials with swept hook settings wait on its lock)
     fixed = {"data_path": os.path.dirname(probe["data_path"]),  # RecBole appends /<dataset> itself
              "checkpoint_dir": os.path.join(out, "saved")}
-    from recbole_llmfuse.registry import get_model
-    from recbole_llmfuse.trainer import StagedTrainer
-
     # a multi-phase model (PAD) validates up to `epochs` times per phase, and its epoch counter runs on
-    trainer = getattr(get_model(model), "trainer_class", None)
-    staged = isinstance(trainer, type) and issubclass(trainer, StagedTrainer)
+    staged = issubclass(trainer_class(get_model(model)) or object, StagedTrainer)
     max_t = int(probe["epochs"]) * (len(probe["train_stages"]) if staged and probe["train_stages"] else 1)
     metric = metric.lower()
     sched = make_scheduler(scheduler, max_t, grace_period, reduction_factor)

@@ -179,7 +179,7 @@ def fit_and_test(config, epochs: int):
 def local_ray():
     """One local Ray (2 CPUs) for every test that needs one, started with the settings ``recbole-llmfuse tune`` uses;
     sweeps and Ray prep runs use it instead of starting (and stopping) their own."""
-    from recbole_llmfuse.tune import ray_session, worker_setup
+    from recbole_llmfuse.ray_runtime import ray_session, worker_setup
 
     with ray_session(None, 2, runtime_env={"worker_process_setup_hook": worker_setup}) as ray:
         yield ray

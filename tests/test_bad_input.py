@@ -137,7 +137,7 @@ def test_converter_refuses_an_empty_result_and_keeps_the_earlier_output(tmp_path
 
 
 def test_written_files_follow_the_umask(tmp_path):
-    from recbole_llmfuse.dataset_prep.itememb import atomic_write, temp_dir
+    from recbole_llmfuse.files import atomic_write, temp_dir
 
     old = os.umask(0o022)
     try:

@@ -75,7 +75,7 @@ def test_popularity_negatives_follow_training_counts_and_skip_the_target(small_c
     config = Config("FastSASRec", SMALL, config_dict=small_cfg(loss_type="InfoNCE", infonce_sampler="popularity",
                                                              infonce_negatives=2000), argv=[])
     _, model, train_data, _, _ = build(config)
-    from recbole_llmfuse.data import training_counts
+    from recbole_llmfuse.stats import training_counts
     from recbole_llmfuse.model.base import popularity_negatives
 
     counts = training_counts(train_data.dataset)[0]

@@ -13,7 +13,8 @@ import torch
 from recbole.data.interaction import Interaction
 
 from recbole_llmfuse import Config, create_dataset, data_preparation
-from recbole_llmfuse.evaluation import GroupCollector, GroupEvaluator, item_groups, tail_users, training_counts
+from recbole_llmfuse.evaluation import GroupCollector, GroupEvaluator
+from recbole_llmfuse.stats import item_groups, tail_users, training_counts
 
 from conftest import SMALL, TINY
 

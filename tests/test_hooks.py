@@ -65,7 +65,7 @@ def test_two_runs_at_once_encode_once(folder, tmp_path):
             time.sleep(0.01)
         asked = time.time()
         ran = hooks.ensure(config, ["item_text_embedding"])
-        table = create_dataset(config).item_embedding_table()
+        table = create_dataset(config).feature_table("item_text_emb")
         print(json.dumps({{"ran": ran, "asked": asked, "pid": os.getpid(), "table": table.tolist()}}))
     """
     log = str(tmp_path / "calls.log")
@@ -102,7 +102,7 @@ def test_users_custom_embedding_is_never_overwritten(folder):
     assert "item_text_template='Movie {movie_title}'" in message and "item_text_template=None" in message
     assert "--prep_stale=use" in message and "--force" in message
     assert _sha(npz) == digest and os.path.getmtime(npz) == mtime
-    table = create_dataset(Config("MoRec", SMALL, config_dict={**cfg, "prep_stale": "use"}, argv=[])).item_embedding_table()
+    table = create_dataset(Config("MoRec", SMALL, config_dict={**cfg, "prep_stale": "use"}, argv=[])).feature_table("item_text_emb")
     assert table.shape[1] == 384 and _sha(npz) == digest
     # the same setting through the CLI without --force: refused with one line, exit 2
     proc = subprocess.run([os.path.join(BIN, "recbole-llmfuse"), "prep", "embed", "--dataset", SMALL,
@@ -132,7 +132,7 @@ def test_killed_shard_200_run_then_default_run_recovers(folder, monkeypatch):
     monkeypatch.setitem(embed.BACKENDS, "stub", (stub_encoder.StubEncoder, {}))  # in this process, for this test
     cfg = {"data_path": os.path.dirname(folder), "load_col": LOAD_COL, "item_text_embedding": {"backend": "stub"}}
     dataset = create_dataset(Config("MoRec", SMALL, config_dict=cfg, argv=[]))
-    table = dataset.item_embedding_table()
+    table = dataset.feature_table("item_text_emb")
     assert ItemTextEmbeddingHook(folder, SMALL, {"backend": "stub"}).status() == "fresh"
     assert not _leftovers(folder)
     texts = dict(zip(*(lambda items: (items.tokens, items.texts))(build_item_texts(folder, SMALL))))

@@ -48,7 +48,7 @@ def test_rows_follow_internal_ids(emb_data, fmt):
     vectors = _vectors(tokens)
     write_item_embeddings(os.path.join(emb_data, SMALL), SMALL, tokens, vectors, formats=[fmt])
     dataset = _dataset(emb_data, item_emb_format=fmt, normalize_all=True)  # normalize_all must not touch them
-    table = dataset.item_embedding_table()
+    table = dataset.feature_table("item_text_emb")
     assert table.shape == (dataset.item_num, 8) and table.dtype == np.float32
     assert not table[0].any()
     rng = np.random.default_rng(1)
@@ -67,7 +67,7 @@ def test_text_and_npz_agree_and_extra_ids_never_become_items(emb_data):
     text = _dataset(emb_data, item_emb_format="text")
     binary = _dataset(emb_data, item_emb_format="npz")
     assert text.item_num == binary.item_num == len(tokens) + 1  # extras were not added to the item space
-    np.testing.assert_allclose(text.item_embedding_table(), binary.item_embedding_table(), rtol=1e-6)
+    np.testing.assert_allclose(text.feature_table("item_text_emb"), binary.feature_table("item_text_emb"), rtol=1e-6)
 
 
 def test_missing_items_error_or_zero(emb_data):
@@ -75,7 +75,7 @@ def test_missing_items_error_or_zero(emb_data):
     write_item_embeddings(os.path.join(emb_data, SMALL), SMALL, tokens[3:], _vectors(tokens[3:]), formats=["npz"])
     with pytest.raises(ItemEmbeddingError, match=r"3 of the dataset's .* items have no vector.*item_emb_missing"):
         _dataset(emb_data)
-    table = _dataset(emb_data, item_emb_missing="zero").item_embedding_table()
+    table = _dataset(emb_data, item_emb_missing="zero").feature_table("item_text_emb")
     assert (~table.any(axis=1)).sum() == 4  # padding + 3 missing
 
 

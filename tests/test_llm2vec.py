@@ -171,7 +171,7 @@ def test_item_encoder_lora_learns_cooccurrence_from_the_training_split_and_feeds
     assert os.path.isfile(os.path.join(hook.adapter_dir, "adapter_config.json"))
 
     dataset = create_dataset(config)  # the model reads the tuned table, row-aligned with RecBole's ids
-    table = dataset.item_embedding_table()
+    table = dataset.feature_table("item_text_emb")
     tokens = list(cluster)
     after = np.stack([table[dataset.token2id("item_id", t)] for t in tokens])
     texts = build_item_texts(os.path.join(str(tmp_path / "data"), "syn"), "syn", "{title}").texts

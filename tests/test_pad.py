@@ -8,7 +8,7 @@ from recbole.data.interaction import Interaction
 
 from recbole_llmfuse import Config, ConfigError, get_trainer, load_data_and_model
 from recbole_llmfuse.compat import trusted_torch_load
-from recbole_llmfuse.evaluation import training_counts
+from recbole_llmfuse.stats import training_counts
 from recbole_llmfuse.quick_start import build, make_trainer
 
 from conftest import LEARNS_MARGIN, SMALL, TINY, TINY_LEARN, popularity_hit

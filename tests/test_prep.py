@@ -53,7 +53,7 @@ def test_embedding_rows_match_reencoding_and_cache(folder):
     config = Config("MoRec", SMALL, config_dict={"data_path": os.path.dirname(folder),
                                                  "load_col": {"inter": ["user_id", "item_id", "timestamp"]}}, argv=[])
     dataset = create_dataset(config)
-    table = dataset.item_embedding_table()
+    table = dataset.feature_table("item_text_emb")
     items = build_item_texts(folder, SMALL)
     rng = np.random.default_rng(0)
     ids = rng.choice(np.arange(1, dataset.item_num), 5, replace=False)
@@ -160,14 +160,14 @@ def test_model_runs_missing_hook_automatically_and_leaves_user_files(folder):
     cfg = {"data_path": data_path, "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
            "item_text_embedding": {"device": "cpu", "formats": ["npz"]}}
     dataset = create_dataset(Config("MoRec", SMALL, config_dict=cfg, argv=[]))
-    assert dataset.item_embedding_table().shape[1] == 384
+    assert dataset.feature_table("item_text_emb").shape[1] == 384
     # a file the user wrote (no manifest) is used as is
     os.remove(os.path.join(folder, f"{SMALL}.itememb.npz.manifest.json"))
     tokens = build_item_texts(folder, SMALL).tokens
     from recbole_llmfuse.dataset_prep.itememb import write_item_embeddings
 
     write_item_embeddings(folder, SMALL, tokens, np.ones((len(tokens), 4), np.float32), formats=["npz"])
-    assert create_dataset(Config("MoRec", SMALL, config_dict=cfg, argv=[])).item_embedding_table().shape[1] == 4
+    assert create_dataset(Config("MoRec", SMALL, config_dict=cfg, argv=[])).feature_table("item_text_emb").shape[1] == 4
 
 
 def test_prep_cli_bad_parameter_is_a_clear_error(folder):

@@ -13,8 +13,10 @@ import torch
 
 from recbole_llmfuse import Config
 from recbole_llmfuse.config import ConfigError
-from recbole_llmfuse.data import PREFIX_LENGTH_FIELD, cold_start_user_groups
-from recbole_llmfuse.dataset_prep.profiles import snapshot_lengths, snapshot_slot
+from recbole_llmfuse.data import PREFIX_LENGTH_FIELD
+from recbole_llmfuse.stats import cold_start_user_groups
+from recbole_llmfuse.dataset_prep.profiles import snapshot_lengths
+from recbole_llmfuse.model.pte import snapshot_slot
 from recbole_llmfuse.model.base import uniform_negatives
 from recbole_llmfuse.model.layers import whitening
 

@@ -6,6 +6,7 @@ import ast
 import gzip
 import hashlib
 import json
+import glob
 import os
 import re
 import socket
@@ -70,6 +71,10 @@ def case_negative_epochs(data):
 
 def case_zero_history(data):
     return [*_w(data), "--MAX_ITEM_LIST_LENGTH=0"]
+
+
+def case_valid_metric_not_in_topk(data):
+    return [*_w(data), "--valid_metric=NDCG@20"]
 
 
 def case_duplicate_header(data):
@@ -206,6 +211,7 @@ CASES = [
     (case_misspelt_key, ["unknown setting 'learnin_rate'", "did you mean 'learning_rate'", "--allow_unknown_keys"]),
     (case_negative_epochs, ["epochs -1", "whole number >= 1"]),
     (case_zero_history, ["MAX_ITEM_LIST_LENGTH 0"]),
+    (case_valid_metric_not_in_topk, ["valid_metric NDCG@20", "not among topk [10]", "--topk=[10,20]"]),
     (case_duplicate_header, ["dup.inter, line 1", "'item_id' appears twice (columns 2 and 3)"]),
     (case_not_utf8, ["latin.item, line 2, byte offset", "not UTF-8", "iconv"]),
     (case_no_timestamp, ["nots.inter: no 'timestamp' column", "TIME_FIELD"]),
@@ -377,7 +383,8 @@ def test_allow_unknown_keys_lets_a_setting_of_ones_own_through_and_the_result_li
 
 
 def _keys_in_readme_commands() -> set:
-    """``--key=value`` settings of the README's run / bench / tune commands (the commands' own flags aside)."""
+    """``--key=value`` settings of the run / bench / tune commands in the README and docs/ (the commands' own flags
+    aside)."""
     import argparse
 
     from recbole_llmfuse import bench, tune
@@ -388,7 +395,9 @@ def _keys_in_readme_commands() -> set:
         parser = argparse.ArgumentParser()
         add(parser)
         flags |= {o.lstrip("-") for o in parser._option_string_actions}
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    pages = [os.path.join(ROOT, "README.md")] + [p for p in glob.glob(os.path.join(ROOT, "docs", "**", "*.md"),
+                                                                       recursive=True) if "specs" not in p]
+    text = "\n".join(open(p, encoding="utf-8").read() for p in pages)
     keys = set()
     for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():

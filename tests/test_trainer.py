@@ -11,7 +11,7 @@ import torch
 from recbole.trainer import Trainer as RecBoleTrainer
 from torch import nn
 
-from recbole_llmfuse import Config, checkpoint, load_data_and_model, registry
+from recbole_llmfuse import Config, checkpoint, get_trainer, load_data_and_model, registry
 from recbole_llmfuse.model.base import IDSequentialRecommender
 from recbole_llmfuse.model.fast_sasrec import FastSASRec
 from recbole_llmfuse.quick_start import build, execute
@@ -70,7 +70,7 @@ def test_default_loop_is_recboles(small_cfg):
 def test_two_optimizers_alternate_and_checkpoint_is_lean(small_cfg, toy_registry):
     config = Config("TwoStep", SMALL, config_dict=_cfg(small_cfg, frozen_width=1024), argv=[])
     _, model, train_data, valid_data, test_data = build(config)
-    trainer = registry.get_trainer(config["MODEL_TYPE"], "TwoStep")(config, model)
+    trainer = get_trainer(config["MODEL_TYPE"], "TwoStep")(config, model)
     assert set(trainer.optimizers) == {"emb", "enc"}
     steps = []
     for name, opt in trainer.optimizers.items():
@@ -123,7 +123,7 @@ def test_step_isolation_gradients_of_other_groups_are_kept_apart(small_cfg, toy_
     optimizer's gradients: 'enc' steps on exactly the gradient of its own loss."""
     config = Config("TwoStep", SMALL, config_dict=_cfg(small_cfg), argv=[])
     _, model, train_data, _, _ = build(config)
-    trainer = registry.get_trainer(config["MODEL_TYPE"], "TwoStep")(config, model)
+    trainer = get_trainer(config["MODEL_TYPE"], "TwoStep")(config, model)
     batch = next(iter(train_data)).to(model.device)
     seen = {}
     opt = trainer.optimizers["enc"]
@@ -197,3 +197,22 @@ def test_callbacks_and_model_summary(small_cfg, caplog):
     assert events == [("epoch", 0), ("valid", 0), ("epoch", 1), ("valid", 1), ("end",)]
     assert len(run.trainer.epoch_times) == 2 and len(run.trainer.eval_times) == 3  # 2 validations + test
     assert "trainable (100.00%)" in caplog.text and "FLOPs" not in caplog.text  # a summary, not the printed model
+
+
+def test_a_models_trainer_is_found_by_name():
+    """Models name their trainer (``trainer_class = "StagedTrainer"``) instead of importing the trainer layer."""
+    from recbole.trainer import KGTrainer
+
+    from recbole_llmfuse import ConfigError
+    from recbole_llmfuse.trainer import StagedTrainer, trainer_class
+
+    def model(named):
+        return type("M", (), {"trainer_class": named})
+
+    assert trainer_class(model("StagedTrainer")) is StagedTrainer  # ours first
+    assert trainer_class(model("KGTrainer")) is KGTrainer  # then RecBole's
+    assert trainer_class(model("recbole_llmfuse.trainer:Trainer")) is Trainer  # another package's
+    assert trainer_class(model(Trainer)) is Trainer and trainer_class(type("M", (), {})) is None
+    with pytest.raises(ConfigError, match="no such trainer"):
+        trainer_class(model("NoSuchTrainer"))
+    assert get_trainer(None, "PAD") is StagedTrainer

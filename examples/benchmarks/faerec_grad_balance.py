@@ -18,7 +18,7 @@ import os
 import torch
 
 import recbole_llmfuse
-from recbole_llmfuse.evaluation import item_groups, training_counts
+from recbole_llmfuse.stats import item_groups, training_counts
 from recbole_llmfuse.quick_start import build
 
 

@@ -64,7 +64,7 @@ def main() -> None:
     pad, sasrec = rows["PAD"], rows["FastSASRec"]
     phase = {k: float(pad[f"epoch_s_{k}"]) for k in ("pretrain", "align", "finetune")}
     print(f"\n{args.items} items, {args.dim}-d text table, {args.users} users x {args.per_user}")
-    print(f"PAD epoch time by phase / its phase-1 (SASRec) epoch: "
+    print("PAD epoch time by phase / its phase-1 (SASRec) epoch: "
           + ", ".join(f"{k} {v / phase['pretrain']:.2f}" for k, v in phase.items()))
     print(f"PAD phase-3 epoch / FastSASRec (BCE) epoch, separate runs: {phase['finetune'] / float(sasrec['epoch_s']):.2f}")
     print(f"full-ranking test time PAD / FastSASRec: {float(pad['eval_s']) / float(sasrec['eval_s']):.2f}")

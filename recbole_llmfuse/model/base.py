@@ -27,12 +27,12 @@ import functools
 import torch
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
-
 from torch import nn
 
 from recbole_llmfuse.data import FeatureTable
 from recbole_llmfuse.model.encoders import SequenceBackbone
 from recbole_llmfuse.model.sequential import init_weights
+from recbole_llmfuse.stats import training_counts
 
 LOSS_TYPES = ("CE", "BPR", "BCE", "InfoNCE")
 
@@ -69,8 +69,6 @@ class SequentialBase(SequentialRecommender):
             if self.infonce_sampler not in ("uniform", "popularity"):
                 raise ValueError(f"infonce_sampler '{self.infonce_sampler}': use uniform or popularity")
             if self.infonce_sampler == "popularity":  # q_i proportional to training count + 1 (no item has q = 0)
-                from recbole_llmfuse.data import training_counts
-
                 counts = torch.from_numpy(training_counts(dataset)[0]).double() + 1
                 counts[0] = 0
                 self.register_buffer("infonce_log_q", (counts / counts.sum()).log().float(), persistent=False)

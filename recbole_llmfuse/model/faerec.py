@@ -24,13 +24,13 @@ from typing import Dict
 import torch
 from torch import nn
 
-from recbole_llmfuse.config import ConfigError
-from recbole_llmfuse.data import training_counts
+from recbole_llmfuse.errors import ConfigError
 from recbole_llmfuse.losses import grouped_barlow_twins, info_nce
 from recbole_llmfuse.model.base import LLMFusedSequentialRecommender
 from recbole_llmfuse.model.encoders import SequenceBackbone
 from recbole_llmfuse.model.fusion import TextTokens
 from recbole_llmfuse.model.layers import Dropout
+from recbole_llmfuse.stats import training_counts
 
 FUSIONS = ("gate", "mean", "id_only")
 

@@ -1,6 +1,6 @@
 """Shared parts of the LLM-fusion models: item-token sources, sequence experts, frequency buckets, gates.
 
-An *expert* is a sequence backbone (:class:`~recbole_llmfuse.model.sequential.SASRecBackbone`) fed by an
+An *expert* is a sequence backbone (:class:`~recbole_llmfuse.model.encoders.SequenceBackbone`) fed by an
 *item-token source* that maps item ids to vectors; the same source gives the candidate vectors, so an
 expert scores ``<u, x(i)>``. Sources:
 
@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from recbole_llmfuse.model.base import LLMFusedSequentialRecommender
-from recbole_llmfuse.model.layers import MLP
 from recbole_llmfuse.model.encoders import SequenceBackbone
+from recbole_llmfuse.model.layers import MLP
 
 FUSIONS = ("concat_linear", "concat", "sum")
 GATES = ("bucket", "mlp", "global")

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from recbole_llmfuse import checkpoint
-from recbole_llmfuse.config import ConfigError
 from recbole_llmfuse.data import FeatureTable
+from recbole_llmfuse.errors import ConfigError
 from recbole_llmfuse.llm import load_decoder, load_tokenizer
 from recbole_llmfuse.model.base import SequentialBase
 

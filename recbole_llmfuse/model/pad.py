@@ -23,12 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from recbole_llmfuse import checkpoint
-from recbole_llmfuse.config import ConfigError
-from recbole_llmfuse.data import frequency_buckets, training_counts
+from recbole_llmfuse.errors import ConfigError
 from recbole_llmfuse.losses import ALIGNMENT_LOSSES, alignment_loss
 from recbole_llmfuse.model.base import LLMFusedSequentialRecommender
 from recbole_llmfuse.model.fusion import Expert, FrequencyGate, FusedTokens, IDTokens, TextTokens
-from recbole_llmfuse.trainer import StagedTrainer
+from recbole_llmfuse.stats import frequency_buckets, training_counts
 
 STAGES = ("pretrain", "align", "finetune")
 EXPERTS = ("id", "align", "text")
@@ -48,7 +47,7 @@ def _check_list(config, key: str, allowed, ordered: bool = False) -> List[str]:
 class PAD(LLMFusedSequentialRecommender):
     """PAD with SASRec experts (see module docstring). ``forward`` returns one ``[B, d]`` vector per scoring expert."""
 
-    trainer_class = StagedTrainer
+    trainer_class = "StagedTrainer"  # found by name (recbole_llmfuse.trainer)
     other_parameter_name = ["stage"]
 
     def __init__(self, config, dataset):

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from recbole_llmfuse.data import PREFIX_LENGTH_FIELD, FeatureTable
-from recbole_llmfuse.dataset_prep.profiles import snapshot_slot
 from recbole_llmfuse.model.base import LLMFusedSequentialRecommender
 from recbole_llmfuse.model.encoders import SequenceBackbone
 from recbole_llmfuse.model.layers import whitening
@@ -27,6 +26,13 @@ def adapter(k: int, d: int, kind: str) -> nn.Module:
     return nn.Sequential(nn.Linear(k, d), nn.ReLU(), nn.Linear(d, d))
 
 
+def snapshot_slot(prefix_length, slots: int):
+    """Snapshot slot an instance with ``prefix_length`` history items reads: the largest power of two
+    ``<= prefix_length`` (slot ``floor(log2 n)``), capped at ``slots - 1`` (a table with one slot: always 0)."""
+    n = torch.as_tensor(prefix_length).clamp(min=1).float()
+    return torch.floor(torch.log2(n)).long().clamp(max=slots - 1)
+
+
 class PtE(LLMFusedSequentialRecommender):
     """SASRec-PtE (spec PtE §5.1).
 
@@ -35,7 +41,7 @@ class PtE(LLMFusedSequentialRecommender):
     profile vectors, ``t̃`` of the raw item-text vectors. No free ID embedding unless ``pte_add_id_embedding``.
     Users: ``h' = ReLU(W_g [h; normalize(MLP_u(z̃_u))])`` (``user_fusion: concat``), ``h + normalize(...)``
     (``add``) or ``h`` (``none``), ``h`` SASRec's last state; ``z_u`` is the snapshot of the instance's prefix
-    (slot :func:`~recbole_llmfuse.dataset_prep.profiles.snapshot_slot` of ``prefix_length``), a learned vector
+    (slot :func:`snapshot_slot` of ``prefix_length``), a learned vector
     for users without one. Loss: ``loss_type: InfoNCE`` (64 uniform negatives, cosine / 0.07) by default.
     """
 

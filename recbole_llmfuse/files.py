@@ -1,0 +1,57 @@
+"""File utilities every layer shares: nothing half-written (temp file or folder, then rename), the user's
+umask kept, a folder's writability checked before hours of work depend on it."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+from recbole_llmfuse.errors import ConfigError
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The mode a plain ``open`` / ``mkdir`` would give under the user's umask (``tempfile`` uses 0600 / 0700,
+    which would make a shared data folder unreadable to colleagues)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def temp_dir(parent: str, prefix: str) -> str:
+    """A new temporary folder inside ``parent`` (to be renamed into place), with the umask's mode."""
+    path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    os.chmod(path, umask_mode(directory=True))
+    return path
+
+
+def atomic_write(path: str, write) -> None:
+    """Call ``write(binary_file)`` on a temp file beside ``path``, then rename it to ``path`` (no partial files;
+    the file gets the umask's mode)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, umask_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """:func:`atomic_write` of a UTF-8 text."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def writable_dir(path: str, setting: str) -> str:
+    """``path``, created if missing; a folder that cannot be made or written raises :class:`ConfigError` now,
+    not after training (when the checkpoint is saved)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as err:
+        raise ConfigError(f"{setting} {path}: cannot write there ({err.strerror or err}); choose a writable folder, "
+                          f"e.g. --{setting}=saved") from None
+    return path
