@@ -104,3 +104,34 @@ def frequency_buckets(item_counts: np.ndarray, n_buckets: int) -> np.ndarray:
     popularity buckets; items never seen in training rank last.
     """
     return item_groups(item_counts, 0.0, n_buckets)["bucket"]
+
+
+def training_histories(train_dataset, max_length: int) -> tuple:
+    """``(items [n_users, max_length], lengths [n_users])``: each user's training interactions in order, the last
+    ``max_length`` of them, left-aligned and zero-padded as RecBole's ``item_id_list`` (users without training
+    interactions: length 0).
+
+    Read from RecBole's augmented sequential training data: a user's longest prefix row plus its target is the
+    user's whole training sequence (plain interaction data is not sequential and is refused).
+    """
+    import torch
+
+    feat = train_dataset.inter_feat
+    config = train_dataset.config
+    iid, uid = train_dataset.iid_field, train_dataset.uid_field
+    list_field, len_field = iid + config["LIST_SUFFIX"], config["ITEM_LIST_LENGTH_FIELD"]
+    if list_field not in feat.columns:
+        raise ConfigError("training histories need sequential training data (an item_id_list field)")
+    users, lengths = feat[uid].numpy(), feat[len_field].numpy()
+    order = np.lexsort((lengths, users))  # by user, then prefix length: each user's last row is its longest
+    last = order[np.r_[users[order][1:] != users[order][:-1], True]]
+    full = torch.cat([feat[list_field][last], torch.zeros(len(last), 1, dtype=torch.long)], dim=1)
+    full[torch.arange(len(last)), torch.from_numpy(lengths[last]).long()] = feat[iid][last]  # the target follows
+    n = torch.from_numpy(lengths[last]).long() + 1
+    items = torch.zeros(train_dataset.user_num, max_length, dtype=torch.long)
+    out_len = torch.zeros(train_dataset.user_num, dtype=torch.long)
+    for row, (u, k) in enumerate(zip(users[last].tolist(), n.tolist())):  # one row per user
+        keep = min(k, max_length)
+        items[u, :keep] = full[row, k - keep:k]
+        out_len[u] = keep
+    return items, out_len

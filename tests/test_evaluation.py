@@ -23,7 +23,8 @@ NEG = float("-inf")
 
 def test_group_values_on_a_hand_made_case(small_data_path):
     config = Config("FastSASRec", SMALL, config_dict={
-        "data_path": small_data_path, "metrics": ["Recall", "NDCG", "MRR"], "topk": [2], "group_metrics": True,
+        "data_path": small_data_path, "metrics": ["Recall", "NDCG", "MRR"], "topk": [2], "valid_metric": "MRR@2",
+        "group_metrics": True,
     }, argv=[])
     collector = GroupCollector(config)
     collector.groups = {

@@ -30,10 +30,12 @@ def _first_batch_scores(model, test_data):
         return model.full_sort_predict(interaction.to(model.device))
 
 
-@pytest.mark.parametrize("model, loss_type", [("FastSASRec", "CE"), ("FastSASRec", "BCE"), ("MoRec", "CE"), ("Hybrid", "CE"), ("FMLPRec", "CE"), ("LRURec", "CE")])
+@pytest.mark.parametrize("model, loss_type", [("FastSASRec", "CE"), ("FastSASRec", "BCE"), ("MoRec", "CE"), ("Hybrid", "CE"), ("FMLPRec", "CE"), ("LRURec", "CE"),
+                                              ("AlphaFuse", "CE"), ("RLMRec", "CE"), ("LLMESR", "CE")])
 def test_model_learns(tiny_world, model, loss_type):
     """The tiny world's walks (+1 or +3 steps): a model that learns the sequence beats popularity by a margin."""
-    cfg = {**TINY_LEARN, "data_path": tiny_world, "loss_type": loss_type}
+    cfg = {**TINY_LEARN, "data_path": tiny_world, "loss_type": loss_type,
+           "alphafuse_null_dim": 8, "llmesr_sim_users": 3}  # sizes for hidden_size 16 and 60 users
     if loss_type != "CE":
         cfg["train_neg_sample_args"] = {"distribution": "uniform", "sample_num": 1}
     _, _, losses, result, pop = fit_and_test(Config(model, TINY, config_dict=cfg, argv=[]), epochs=8)

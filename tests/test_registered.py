@@ -30,6 +30,8 @@ TINY_SETTINGS = {
     "sasrec_item_table": {"hidden_size": 16, "epochs": 1, "MAX_ITEM_LIST_LENGTH": 5},
     # PtE: template profiles (no LLM) encoded by MiniLM
     "pte_profiles": {"backend": "template", "max_rounds": 0},
+    # AlphaFuse: a null space that fits hidden_size 16
+    "alphafuse_null_dim": 8,
 }
 #: hook -> parameters for the tiny world (hooks not named here run with their YAML defaults)
 TINY_HOOK_PARAMS = {

@@ -137,7 +137,11 @@ class SequentialBase(SequentialRecommender):
         return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
 
     def calculate_loss(self, interaction) -> torch.Tensor:
-        seq_output = self.encode(interaction)
+        return self.recommendation_loss(self.encode(interaction), interaction)
+
+    def recommendation_loss(self, seq_output: torch.Tensor, interaction) -> torch.Tensor:
+        """The ``loss_type`` loss of user representations ``seq_output [B, D]`` on the batch's targets (models with
+        an auxiliary term on the same representations add it to this)."""
         pos_items = interaction[self.POS_ITEM_ID]
         if self.loss_type == "CE":
             return F.cross_entropy(self.score_all(seq_output), pos_items)

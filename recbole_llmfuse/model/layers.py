@@ -297,19 +297,37 @@ class _Activation(nn.Module):
         return self.name
 
 
-def whitening(table: torch.Tensor, k: int, eps: float = 1e-6) -> torch.Tensor:
-    """``Whiten_k`` of spec PtE §4.7 (AlphaFuse's standardised PCA): centre the non-zero rows of ``table [N, d]``,
-    rotate to the covariance eigenbasis, scale each direction by ``1/sqrt(eigenvalue)``, keep the top ``k``.
-    Returns ``[N, k]`` (all-zero rows — padding, items without a vector — stay zero)."""
+def principal_axes(table: torch.Tensor, eps: float = 1e-6):
+    """PCA of the non-zero rows of ``table [N, d]`` (padding and items without a vector are all-zero rows and
+    stay out of the fit): ``(mean [d], eigenvalues [d] descending, eigenvectors [d, d] as columns, rows [N]
+    bool)``, in float64. ``None`` when fewer than two rows have a vector."""
     x = table.double()
     rows = x.abs().sum(-1) > 0
-    k = min(k, table.shape[-1])
-    if int(rows.sum()) < 2:  # nothing to fit (e.g. no item profiles: item_mode text_only)
-        return torch.zeros(table.shape[0], k)
+    if int(rows.sum()) < 2:
+        return None
     fit = x[rows]
     mean = fit.mean(0)
     cov = (fit - mean).T @ (fit - mean) / max(1, len(fit) - 1)
     values, vectors = torch.linalg.eigh(cov)  # ascending
-    values, vectors = values.flip(0)[:k], vectors.flip(1)[:, :k]
-    out = (x - mean) @ vectors / torch.sqrt(values.clamp(min=eps))
+    return mean, values.flip(0).clamp(min=0), vectors.flip(1), rows
+
+
+def whitening(table: torch.Tensor, k: int, eps: float = 1e-6) -> torch.Tensor:
+    """``Whiten_k`` of spec PtE §4.7 (AlphaFuse's standardised PCA): centre the non-zero rows of ``table [N, d]``,
+    rotate to the covariance eigenbasis, scale each direction by ``1/sqrt(eigenvalue)``, keep the top ``k``.
+    Returns ``[N, k]`` (all-zero rows — padding, items without a vector — stay zero)."""
+    return project_on_axes(table, k, standardize=True, eps=eps)
+
+
+def project_on_axes(table: torch.Tensor, k: int, standardize: bool, eps: float = 1e-6) -> torch.Tensor:
+    """``table [N, d]`` centred and projected on its top ``k`` principal axes (:func:`principal_axes`), each
+    divided by ``sqrt(eigenvalue)`` when ``standardize``: ``[N, min(k, d)]``; all-zero rows stay zero."""
+    k = min(k, table.shape[-1])
+    axes = principal_axes(table, eps)
+    if axes is None:  # nothing to fit (e.g. no item profiles: item_mode text_only)
+        return torch.zeros(table.shape[0], k)
+    mean, values, vectors, rows = axes
+    out = (table.double() - mean) @ vectors[:, :k]
+    if standardize:
+        out = out / torch.sqrt(values[:k].clamp(min=eps))
     return (out * rows.unsqueeze(-1)).float()
