@@ -50,9 +50,7 @@ import yaml
 import recbole_llmfuse.properties as props
 from recbole_llmfuse.errors import HookConflictError, PrepError, PrepRequiredError  # noqa: F401  (re-exported)
 from recbole_llmfuse.files import atomic_write, atomic_write_text  # noqa: F401  (hooks import it from here)
-from recbole_llmfuse.registry import HOOK_ENTRY_POINT_GROUP as ENTRY_POINT_GROUP  # noqa: F401
-from recbole_llmfuse.registry import REGISTERED_HOOKS as REGISTERED  # noqa: F401  (tests register toy hooks here)
-from recbole_llmfuse.registry import available_hooks, get_hook, hook_names, register_hook  # noqa: F401
+from recbole_llmfuse.registry import available_hooks, get_hook, hook_names, register_hook  # noqa: F401  (re-exported)
 from recbole_llmfuse.stats import check_protocol, cold_start_user_groups
 
 MANIFEST_VERSION = 2

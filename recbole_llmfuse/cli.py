@@ -162,6 +162,8 @@ def _add_prep_arguments(prep: argparse.ArgumentParser, shortcuts: dict) -> None:
         p = sub.add_parser(name, help=help_text)
         if name == "hook":
             p.add_argument("hook", help="hook name (recbole_llmfuse.prep_hooks entry points included)")
+        else:  # a shortcut runs the hook whose cli it is
+            p.set_defaults(hook=shortcuts[name].name)
         p.add_argument("--dataset", "-d", required=True)
         p.add_argument("--data_path", default="dataset/", help="folder that holds <dataset>/ (default: dataset/)")
         p.add_argument("--config_files", default=None, help="YAML files; their '<hook>:' dict gives parameters")
@@ -211,7 +213,7 @@ def _prep(args: argparse.Namespace, rest: List[str]) -> int:
     if args.prep_command == "sparsify":
         return _prep_sparsify(args, rest)
 
-    name = args.hook if args.prep_command == "hook" else prep_shortcuts()[args.prep_command].name
+    name = args.hook
     get_hook(name)  # an unknown name fails before any config is read
     config_files = args.config_files.split() if args.config_files else []
     params = {}

@@ -191,19 +191,19 @@ class Config(RecBoleConfig):
         if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0):
             raise ConfigError(f"learning_rate {rate!r}: must be a number > 0 (e.g. --learning_rate=0.001)")
         topk = final.get("topk")
-        for k in (topk if isinstance(topk, list) else [topk] if topk is not None else []):
+        cutoffs = topk if isinstance(topk, list) else [topk] if topk is not None else []
+        for k in cutoffs:
             if isinstance(k, bool) or not isinstance(k, int) or k < 1:
                 raise ConfigError(f"topk {topk!r}: cut-offs are whole numbers >= 1 (e.g. --topk=[10,20])")
         # RecBole computes metric@k for the k in topk only: another k ends the first validation in a bare KeyError
         valid = re.match(r"^([A-Za-z_]+)@(\d+)", str(final.get("valid_metric") or ""))
-        cutoffs = topk if isinstance(topk, list) else [topk]
-        metrics = [str(m).lower() for m in (final.get("metrics") or [])] if isinstance(final.get("metrics"), list) else None
+        metrics = final.get("metrics")
         if valid and int(valid.group(2)) not in cutoffs:
             raise ConfigError(f"valid_metric {final['valid_metric']}: @{valid.group(2)} is not among topk {topk}; add it "
                               f"(e.g. --topk=[{','.join(str(k) for k in sorted({*cutoffs, int(valid.group(2))}))}]) or "
                               f"validate at one of {cutoffs}")
-        if valid and metrics is not None and valid.group(1).lower() not in metrics:
-            raise ConfigError(f"valid_metric {final['valid_metric']}: {valid.group(1)} is not among metrics {final['metrics']}; "
+        if valid and isinstance(metrics, list) and valid.group(1).lower() not in [str(m).lower() for m in metrics]:
+            raise ConfigError(f"valid_metric {final['valid_metric']}: {valid.group(1)} is not among metrics {metrics}; "
                               f"add it to metrics or validate on one of them")
 
     # -- model lookup -------------------------------------------------------------------------------

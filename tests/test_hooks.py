@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from recbole_llmfuse import Config, create_dataset
+from recbole_llmfuse import Config, create_dataset, registry
 from recbole_llmfuse.dataset_prep import hooks
 from recbole_llmfuse.dataset_prep import embed
 from recbole_llmfuse.dataset_prep.embed import ItemTextEmbeddingHook
@@ -237,7 +237,7 @@ class Expensive(Upstream):
 @pytest.fixture
 def toy_hooks(monkeypatch):
     for hook in (Upstream, Downstream, Unrelated, Expensive):  # registered in this process, as a notebook would
-        monkeypatch.setitem(hooks.REGISTERED, hook.name, hook)
+        monkeypatch.setitem(registry.REGISTERED_HOOKS, hook.name, hook)
 
 
 def test_dependencies_chain_fingerprints_and_rerun_only_what_depends(small_cfg, toy_hooks):
@@ -357,7 +357,6 @@ def test_declared_ragged_and_user_tables_load_row_aligned(small_cfg, monkeypatch
     with RecBole's internal ids (checked against the tokens), the user table built from the training split."""
     import torch
 
-    from recbole_llmfuse import registry
     from recbole_llmfuse.data import FeatureTable
     from recbole_llmfuse.model.fast_sasrec import FastSASRec
 
@@ -367,8 +366,8 @@ def test_declared_ragged_and_user_tables_load_row_aligned(small_cfg, monkeypatch
                           FeatureTable("user_vec", hook="toy_user_vectors", kind="user", options="user_emb"))
 
     real_model = registry.get_model
-    monkeypatch.setitem(hooks.REGISTERED, "toy_item_tokens", ItemTokens)
-    monkeypatch.setitem(hooks.REGISTERED, "toy_user_vectors", UserVectors)
+    monkeypatch.setitem(registry.REGISTERED_HOOKS, "toy_item_tokens", ItemTokens)
+    monkeypatch.setitem(registry.REGISTERED_HOOKS, "toy_user_vectors", UserVectors)
     monkeypatch.setattr(registry, "get_model", lambda name: WithTables if name == "WithTables" else real_model(name))
     config = Config("WithTables", SMALL, config_dict=small_cfg(user_emb_format="npz", user_emb_dim=2,
                                                                user_emb_missing="error"), argv=[])
