@@ -30,7 +30,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from recbole_llmfuse.config import Config, ConfigError, parse_overrides
+from recbole_llmfuse.config import Config, ConfigError, parse_overrides, read_yaml_file
 from recbole_llmfuse.data import prepare
 from recbole_llmfuse.quick_start import execute
 from recbole_llmfuse.registry import get_model
@@ -322,8 +322,13 @@ def tune_models(models, dataset, space: str, samples: int, config_files, overrid
                           scheduler="asha", metric=metric, cpus_per_trial=1, max_concurrent=jobs,
                           grace_period=grace_period, num_cpus=jobs)
         best = result["best"]
+        if not best:  # no record: --resume sweeps it again instead of reusing a choice nobody made
+            chosen[model] = {}
+            print(f"tuning {model}: no trial finished ({result['failed']} of {len(result['rows'])} failed; see "
+                  f"{folder}/results.md); its seeded runs use its YAML defaults", file=sys.stderr, flush=True)
+            continue
         # a key the model's brackets fix is inert in its sweep (command-line overrides win): not "chosen"
-        chosen[model] = {k: best[k] for k in keys if k not in variant} if best else {}
+        chosen[model] = {k: best[k] for k in keys if k not in variant}
         with open(record, "w") as f:
             json.dump(chosen[model], f)
         print(f"tuning {model}: {len(result['rows'])} trials ({result['failed']} failed, {result['stopped_early']} "
@@ -400,15 +405,65 @@ def run_bench(models, dataset, seeds, config_files, overrides, out, metrics, res
     return records
 
 
+#: the defaults of the flags a --plan file may also set (a flag given on the command line wins over the plan)
+FLAG_DEFAULTS = {"dataset": "ml-100k", "models": None, "seeds": "2020", "config_files": None, "out": "bench_out",
+                 "report_metrics": "ndcg@10,recall@10", "tune": None, "tune_samples": 8, "tune_metric": None,
+                 "tune_grace_period": 2, "baseline": None}
+#: what a plan file holds: those flags, and ``settings`` (overrides for every model, below the command line's)
+PLAN_KEYS = tuple(FLAG_DEFAULTS) + ("settings",)
+
+
+def _plan_value(key: str, value, folder: str) -> str:
+    """A plan value as its flag's string: lists joined (models with ';', seeds and metrics with ','), the paths of
+    ``config_files`` and ``tune`` relative to the plan's folder."""
+    if key in ("config_files", "tune"):
+        paths = value if isinstance(value, list) else str(value).split()
+        return " ".join(os.path.normpath(os.path.join(folder, path)) for path in paths)
+    if isinstance(value, list):
+        return (";" if key == "models" else ",").join(str(v) for v in value)
+    return int(value) if key in ("tune_samples", "tune_grace_period") else str(value)
+
+
+def apply_plan(args: argparse.Namespace, overrides: List[str]) -> List[str]:
+    """Fill the flags not given on the command line from ``--plan FILE`` (see :data:`PLAN_KEYS`), then from
+    :data:`FLAG_DEFAULTS`; returns the overrides with the plan's ``settings`` the command line does not set."""
+    settings = {}
+    if args.plan:
+        plan = read_yaml_file(args.plan)
+        for key in plan:
+            if key not in PLAN_KEYS:
+                raise ConfigError(f"{args.plan}: unknown key '{key}'; a bench plan takes {', '.join(PLAN_KEYS)}")
+        folder = os.path.dirname(os.path.abspath(args.plan))
+        for key, value in plan.items():
+            # --tuned DIR on the command line replaces the plan's sweep (values chosen earlier instead)
+            if key != "settings" and getattr(args, key) is None and not (key == "tune" and args.tuned):
+                setattr(args, key, _plan_value(key, value, folder))
+        settings = plan.get("settings") or {}
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{args.plan}: settings must be a mapping of setting: value (got {settings!r})")
+    for key, value in FLAG_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if not args.models:
+        raise ConfigError("bench: give --models, or a --plan file with models:")
+    given = parse_overrides(overrides)
+    return [_flag(k, v) for k, v in settings.items() if k not in given] + overrides
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", "-d", default="ml-100k")
-    parser.add_argument("--models", required=True,
+    parser.add_argument("--plan", default=None, metavar="FILE",
+                        help="a YAML file with any of the flags below (models, seeds, config_files, tune, ...; paths "
+                             "relative to the file) and settings: {key: value} for every model; flags given here win. "
+                             "examples/papers/ has one per paper's comparison")
+    parser.add_argument("--dataset", "-d", default=None, help="(default: ml-100k)")
+    parser.add_argument("--models", default=None,
                         help="semicolon- or comma-separated model names, e.g. SASRec,GRU4Rec,MoRec; a name may carry "
                              "its own settings: 'FAERec[backbone=FMLPRec];FMLPRec' (use ';' between such names)")
-    parser.add_argument("--seeds", default="2020", help="comma-separated seeds (default: 2020)")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: 2020)")
     parser.add_argument("--config_files", default=None, help="space-separated YAML files applied to every model")
-    parser.add_argument("--out", default="bench_out")
-    parser.add_argument("--report_metrics", default="ndcg@10,recall@10", help="metrics in results.md (first one is plotted)")
+    parser.add_argument("--out", default=None, help="(default: bench_out)")
+    parser.add_argument("--report_metrics", default=None,
+                        help="metrics in results.md (first one is plotted; default: ndcg@10,recall@10)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse runs whose result file already exists in --out (an interrupted bench goes on)")
     parser.add_argument("--jobs", type=int, default=1,
@@ -421,16 +476,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tuned", default=None, metavar="DIR",
                         help="take each model's chosen values from an earlier budget-matched bench: DIR/<model>/chosen.json "
                              "(DIR = that bench's --out/tune)")
-    parser.add_argument("--tune_samples", type=int, default=8, help="trials per model with --tune (default 8)")
+    parser.add_argument("--tune_samples", type=int, default=None, help="trials per model with --tune (default 8)")
     parser.add_argument("--tune_metric", default=None, help="validation metric of --tune (default: first report metric)")
-    parser.add_argument("--tune_grace_period", type=int, default=2, help="ASHA: epochs before a trial may be stopped")
+    parser.add_argument("--tune_grace_period", type=int, default=None,
+                        help="ASHA: epochs before a trial may be stopped (default 2)")
     parser.add_argument("--baseline", default=None,
                         help="row the paired t-tests compare against (default: the first model), e.g. PAD/pretrain")
     parser.epilog = "Any other --key=value is a RecBole override applied to every model."
 
 
 def main_from_args(args: argparse.Namespace, overrides: List[str]) -> int:
-    parse_overrides(overrides)
+    overrides = apply_plan(args, overrides)
     sep = ";" if ";" in args.models or "[" in args.models else ","
     models = [m.strip() for m in args.models.split(sep) if m.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s]

@@ -3,11 +3,17 @@ weights are not the point (the test suite, ``examples/gpu/check.py``, a new mode
 
 * :func:`write_walks` — atomic files of users walking the item catalogue in fixed steps: sequential signal a model
   learns in a few epochs (hit@10 near 1) while a popularity ranker cannot (about 0.33 with 40 items);
+* :func:`write_amazon_category` — review and metadata files in the Amazon Reviews 2018 format (gzipped JSON lines,
+  for ``recbole-llmfuse prep amazon``) of a made-up grocery category with a long tail, in which an item's title
+  names its product line and users mostly move on within a line: ID models learn the transitions of frequent
+  items, and the titles tell which line a rarely seen item belongs to;
 * :func:`write_random_llama` — a randomly initialised Llama of any shape with a word-level tokenizer trained in
   process (no hub access), saved as a local Hugging Face folder that every LLM path here loads.
 """
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import random
 from typing import Iterable, Optional, Tuple
@@ -33,6 +39,73 @@ def write_walks(root: str, name: str, users: int = 60, items: int = 40, length: 
         for i in range(1, items + 1):
             f.write(f"i{i}\twidget {i}\t{['acme', 'globex', ''][i % 3]}\n")
     return root
+
+
+#: product lines of :func:`write_amazon_category` (an item's title names its line)
+PRODUCT_LINES = (
+    "green tea", "black tea", "herbal tea", "dark chocolate", "milk chocolate", "trail mix", "roasted almonds",
+    "salted cashews", "oat cereal", "honey granola", "penne pasta", "basmati rice", "olive oil", "hot sauce",
+    "coffee beans", "instant coffee", "protein bar", "energy drink", "sparkling water", "potato chips", "pretzels",
+    "microwave popcorn", "wildflower honey", "peanut butter", "strawberry jam", "maple syrup", "baking flour",
+    "cane sugar", "curry spice", "tomato soup", "black beans", "canned tuna", "wheat crackers", "oatmeal cookies",
+    "fruit gummies", "peppermint mints", "dog treats", "cat food", "paper towels", "dish soap",
+)
+_VARIANTS = ("organic", "classic", "original", "low sugar", "family size", "sea salt", "vanilla", "spicy",
+             "unsweetened", "extra crunchy", "gluten free", "value pack", "single serve", "reserve", "lite")
+_BRANDS = ("Acme", "Globex", "Initech", "Umbrella", "Hooli", "Stark", "Wayne", "Wonka")
+
+
+def write_amazon_category(folder: str, name: str = "Synthetic_Pantry", users: int = 1500, items: int = 1000,
+                          seed: int = 0) -> Tuple[str, str]:
+    """``<folder>/<name>.json.gz`` (reviews) and ``meta_<name>.json.gz`` in the Amazon Reviews 2018 format; returns
+    their paths. Items are spread over :data:`PRODUCT_LINES` (line popularity and item popularity within a line
+    both Zipf-like, so most items are rarely bought); each user prefers two lines and buys 3 + Geometric(0.15)
+    items (at most 40): the next item is the following one of the same line (60%), another item of the line by
+    popularity (25%) or an item of another preferred or random line (15%). Ratings are mostly 4-5."""
+    rng = random.Random(seed)
+    lines = [[] for _ in PRODUCT_LINES]
+    line_weight = [1 / (k + 1) ** 0.8 for k in range(len(PRODUCT_LINES))]
+    for i in range(items):
+        lines[rng.choices(range(len(lines)), line_weight)[0] if i >= len(lines) else i].append(i)
+    meta = []
+    for li, members in enumerate(lines):
+        for rank, i in enumerate(members):
+            variant, brand = _VARIANTS[rank % len(_VARIANTS)], _BRANDS[(i * 7) % len(_BRANDS)]
+            title = f"{brand} {PRODUCT_LINES[li]}, {variant}, pack of {1 + rank % 6}"
+            meta.append({"asin": f"B{i:06d}", "title": title, "brand": brand,
+                         "category": ["Grocery & Gourmet Food", PRODUCT_LINES[li].title()],
+                         "description": [f"{variant.capitalize()} {PRODUCT_LINES[li]} from {brand}."],
+                         "price": f"${2 + (i % 17) * 0.75:.2f}"})
+    weights = [[1 / (rank + 1) ** 1.2 for rank in range(len(m))] for m in lines]
+    reviews = []
+    for u in range(users):
+        favourite = rng.choices(range(len(lines)), line_weight, k=2)
+        length = 3
+        while length < 40 and rng.random() > 0.15:
+            length += 1
+        li = favourite[0]
+        rank = rng.choices(range(len(lines[li])), weights[li])[0]
+        t = 1_400_000_000 + rng.randrange(50_000_000)
+        for _ in range(length):
+            item = lines[li][rank]
+            rating = rng.choices((5, 4, 3, 2, 1), (50, 30, 10, 6, 4))[0]
+            reviews.append({"reviewerID": f"A{u:07d}", "asin": f"B{item:06d}", "overall": float(rating),
+                            "unixReviewTime": t, "reviewText": "good", "summary": "ok", "verified": True})
+            t += rng.randrange(3_600, 30 * 86_400)
+            step = rng.random()
+            if step < 0.6 and rank + 1 < len(lines[li]):
+                rank += 1
+            elif step < 0.85:
+                rank = rng.choices(range(len(lines[li])), weights[li])[0]
+            else:
+                li = rng.choice(favourite + [rng.randrange(len(lines))])
+                rank = rng.choices(range(len(lines[li])), weights[li])[0]
+    os.makedirs(folder, exist_ok=True)
+    paths = os.path.join(folder, f"{name}.json.gz"), os.path.join(folder, f"meta_{name}.json.gz")
+    for path, records in zip(paths, (reviews, meta)):
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    return paths
 
 
 def write_random_llama(path: str, texts: Iterable[str], lm_head: bool = False, dtype: Optional[str] = None,

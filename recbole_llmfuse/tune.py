@@ -200,7 +200,10 @@ def run_tune(model: str, dataset: str, space_file: str, out: str, config_files: 
     metric = metric.lower()
     sched = make_scheduler(scheduler, max_t, grace_period, reduction_factor)
     _, run_config, failure_config = ray_api()
-    setup = {"model": model, "dataset": dataset, "config_files": config_files, "overrides": overrides, "fixed": fixed}
+    # the absolute paths replace the command line's own (a relative --data_path would be read in the trial's folder)
+    trial_overrides = [o for o in overrides if next(iter(parse_overrides([o]))) not in fixed]
+    setup = {"model": model, "dataset": dataset, "config_files": config_files, "overrides": trial_overrides,
+             "fixed": fixed}
     trainable = tune.with_resources(tune.with_parameters(train_trial, setup=setup),
                                     {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     tuner = tune.Tuner(

@@ -129,3 +129,23 @@ def test_cli_converts_and_prints_statistics(amazon2023, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| dataset | users | items | interactions | density | avg. length |" in proc.stdout
     assert (tmp_path / "out" / "beauty" / "beauty.inter").exists()
+
+
+def test_the_synthetic_category_converts_with_a_long_tail_and_titles_that_name_the_line(tmp_path):
+    """The made-up category the paper plans run on (examples/papers/README.md): real 2018 format, a long tail, and a
+    title that names each item's product line."""
+    from collections import Counter
+
+    from recbole_llmfuse.dataset_prep.amazon import RECIPES
+    from recbole_llmfuse.synthetic import PRODUCT_LINES, write_amazon_category
+
+    reviews, meta = write_amazon_category(str(tmp_path / "raw"))  # the plans' size: 1,500 users, 1,000 items
+    report = convert("synth", reviews, meta, str(tmp_path / "out"),
+                     AmazonOptions(version="2018", **RECIPES["pad"]["options"]))
+    assert not report.bad_lines and report.items_without_title == 0 and report.users > 500
+    rows = [line.split("\t") for line in (tmp_path / "out" / "synth" / "synth.inter").read_text().splitlines()[1:]]
+    counts = sorted(Counter(r[1] for r in rows).values(), reverse=True)
+    head = counts[: len(counts) // 5]
+    assert sum(head) > 0.5 * sum(counts) and counts[len(counts) // 2] <= 5  # the top 20% hold most interactions
+    titles = [line.split("\t")[1] for line in (tmp_path / "out" / "synth" / "synth.item").read_text().splitlines()[1:]]
+    assert all(any(p in t for p in PRODUCT_LINES) for t in titles)

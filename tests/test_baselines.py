@@ -128,12 +128,16 @@ def test_budget_matched_bench_tunes_every_model_with_the_same_budget(with_embedd
     space.write_text("loss_type: {choice: [CE, InfoNCE]}\nlearning_rate: {choice: [0.001, 0.003]}\n")
     out = tmp_path / "bench"
     proc = subprocess.run(
-        [CLI, "bench", f"--dataset={SMALL}", "--models=SASRec[loss_type=CE];MoRec", "--seeds=0", f"--out={out}",
+        [CLI, "bench", f"--dataset={SMALL}", "--models=SASRec[loss_type=CE];MoRec;FastSASRec[learning_rate=-1.0]",
+         "--seeds=0", f"--out={out}",
          "--tune", str(space), "--tune_samples=2", "--jobs=2", f"--data_path={with_embeddings}", "--epochs=1",
          "--MAX_ITEM_LIST_LENGTH=10", "--hidden_size=32", "--train_batch_size=512"],
         capture_output=True, text=True, timeout=900,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    # a model whose every trial fails gets no choice on record (--resume sweeps it again), its runs fail: exit 1
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "tuning FastSASRec[learning_rate=-1.0]: no trial finished (2 of 2 failed" in proc.stderr
+    assert not (out / "tune" / "FastSASRec_learning_rate=-1.0_" / "chosen.json").exists()
     chosen = {m: json.loads((out / "tune" / m.replace("[", "_").replace("]", "_") / "chosen.json").read_text())
               for m in ("SASRec[loss_type=CE]", "MoRec")}
     assert set(chosen["MoRec"]) == {"loss_type", "learning_rate"}

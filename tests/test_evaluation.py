@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import glob
 import math
 import os
 import subprocess
@@ -166,3 +167,65 @@ def test_bench_variants_phase_rows_and_resume(tiny_world, tmp_path, capsys):
     assert cli.main(cmd + ["--resume"]) == 0 and capsys.readouterr().out.count("done earlier") == 3
     assert {r["model"]: r["test_ndcg@10"] for r in csv.DictReader(open(out / "results.csv"))} == {
         m: r["test_ndcg@10"] for m, r in rows.items()}
+
+
+def test_bench_plan_fills_flags_the_command_line_does_not_give(tmp_path):
+    import argparse
+
+    from recbole_llmfuse.bench import add_arguments, apply_plan
+    from recbole_llmfuse.config import ConfigError
+
+    (tmp_path / "plans").mkdir()
+    plan = tmp_path / "plans" / "p.yaml"
+    plan.write_text("models: [FastSASRec, 'PAD[align_loss=none]']\nseeds: [0, 1]\nconfig_files: ../base.yaml\n"
+                    "tune: ../space.yaml\ntune_samples: 3\nsettings: {epochs: 3, topk: [10, 20]}\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args, rest = parser.parse_known_args(["--plan", str(plan), "--seeds", "5", "--epochs=1"])
+    overrides = apply_plan(args, rest)
+    assert args.models == "FastSASRec;PAD[align_loss=none]" and args.seeds == "5"  # the command line wins
+    assert args.config_files == str(tmp_path / "base.yaml") and args.tune == str(tmp_path / "space.yaml")
+    assert args.tune_samples == 3 and args.dataset == "ml-100k" and args.out == "bench_out"  # plan, then defaults
+    assert overrides == ["--topk=[10, 20]", "--epochs=1"]  # the plan's epochs gives way to the command line's
+    args, rest = parser.parse_known_args(["--plan", str(plan), "--tuned", "earlier/tune"])
+    apply_plan(args, rest)
+    assert args.tune is None and args.tuned == "earlier/tune"  # values chosen earlier replace the plan's sweep
+    plan.write_text("models: [FastSASRec]\nepochs: 3\n")
+    with pytest.raises(ConfigError, match="p.yaml: unknown key 'epochs'; a bench plan takes .*settings"):
+        apply_plan(*parser.parse_known_args(["--plan", str(plan)]))
+    with pytest.raises(ConfigError, match="give --models, or a --plan file with models:"):
+        apply_plan(*parser.parse_known_args([]))
+
+
+def test_the_papers_plans_name_registered_models_and_existing_files():
+    import argparse
+
+    from recbole_llmfuse.bench import add_arguments, apply_plan, parse_variant
+    from recbole_llmfuse.registry import get_model
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "papers")
+    plans = sorted(glob.glob(os.path.join(folder, "*.yaml")))
+    assert {os.path.basename(p) for p in plans} >= {"PAD.yaml", "FAERec.yaml", "PtE_longtail.yaml", "PtE_coldstart.yaml"}
+    for plan in plans:
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        args, rest = parser.parse_known_args(["--plan", plan])
+        apply_plan(args, rest)
+        for label in args.models.split(";"):
+            get_model(parse_variant(label)[0])
+        for path in args.config_files.split() + [args.tune]:
+            assert os.path.isfile(path), (plan, path)
+
+
+def test_bench_plan_runs_dreamrec_beside_an_id_model(tiny_world, tmp_path, capsys):
+    from recbole_llmfuse import cli
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"dataset: {TINY}\nmodels: [FastSASRec, 'DreamRec[loss_type=MSE]']\nseeds: [0]\n"
+                    "settings: {epochs: 1, MAX_ITEM_LIST_LENGTH: 5, hidden_size: 16, "
+                    "load_col: {inter: [user_id, item_id, timestamp]}}\n")
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "--plan", str(plan), f"--out={out}", f"--data_path={tiny_world}"]) == 0, capsys.readouterr()
+    rows = {r["model"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    assert set(rows) == {"FastSASRec", "DreamRec[loss_type=MSE]"} and all(r["status"] == "ok" for r in rows.values())
+    assert float(rows["DreamRec[loss_type=MSE]"]["epoch_s"]) > 0

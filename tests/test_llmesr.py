@@ -43,3 +43,31 @@ def test_views_distillation_and_init(small_cfg, with_embeddings):
     total.backward()  # the target has no gradient; the views and cross-attention do
     assert model.text_to_id.attention.in_proj_weight.grad.abs().sum() > 0
     assert model.item_text_emb.grad is None  # the text table stays frozen
+
+
+def test_bert4rec_backbone_attends_both_ways_with_the_same_weights():
+    """One layer read at the last item sees the whole history either way; from two layers on, the earlier positions'
+    states of the BERT4Rec backbone also see later items, so its read-out differs from SASRec's with equal weights."""
+    from recbole_llmfuse.model.encoders import SequenceBackbone
+
+    base = {"layer_norm_eps": 1e-12, "hidden_size": 8, "inner_size": 16, "n_heads": 2, "hidden_dropout_prob": 0.0,
+            "attn_dropout_prob": 0.0, "hidden_act": "gelu"}
+    torch.manual_seed(0)
+    states, seq, length = torch.randn(3, 5, 8), torch.tensor([[1, 2, 3, 0, 0], [4, 5, 6, 7, 0], [1, 1, 2, 3, 4]]), \
+        torch.tensor([3, 4, 5])
+    for layers, same in ((1, True), (2, False)):
+        cfg = {**base, "n_layers": layers}
+        causal = SequenceBackbone({**cfg, "backbone": "SASRec"}, 5)
+        both = SequenceBackbone({**cfg, "backbone": "BERT4Rec"}, 5)
+        both.load_state_dict(causal.state_dict())
+        a, b = causal.encode(states, seq, length), both.encode(states, seq, length)
+        assert torch.allclose(a, b, atol=1e-5) == same, layers
+
+
+def test_llmesr_learns_on_its_other_backbones(tiny_world):
+    from conftest import LEARNS_MARGIN, TINY, TINY_LEARN, fit_and_test
+
+    for backbone in ("GRU4Rec", "BERT4Rec"):
+        cfg = {**TINY_LEARN, "data_path": tiny_world, "loss_type": "CE", "llmesr_sim_users": 3, "backbone": backbone}
+        _, _, losses, result, pop = fit_and_test(Config("LLMESR", TINY, config_dict=cfg, argv=[]), epochs=8)
+        assert result["hit@10"] > pop + LEARNS_MARGIN, (backbone, result["hit@10"], pop)

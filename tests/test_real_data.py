@@ -445,6 +445,8 @@ def _keys_in_yaml_files() -> set:
             for name in files:
                 if name.endswith((".yaml", ".yml")):
                     data = yaml.safe_load(open(os.path.join(folder, name), encoding="utf-8"))
+                    if os.path.basename(folder) == "papers":  # bench plans: their settings are the run's
+                        data = data.get("settings") or {}
                     keys |= set(data) if isinstance(data, dict) else set()
     return keys
 

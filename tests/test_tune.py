@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 
 import pytest
 import yaml
@@ -61,12 +62,15 @@ def test_shipped_example_spaces_parse_and_convert():
     assert 0.0 in parse_space(os.path.join(root, "FAERec.yaml"))["align_alpha"]["choice"]
 
 
-def test_one_sweep_reports_every_epoch_asha_cuts_a_bad_trial_and_a_failing_trial_fails_alone(tiny_world, tmp_path, local_ray):
+def test_one_sweep_reports_every_epoch_asha_cuts_a_bad_trial_and_a_failing_trial_fails_alone(tiny_world, tmp_path, local_ray,
+                                                                                               monkeypatch):
     """Three trials, one at a time in grid order on the tiny world: a good learning rate (completes, one report per
     epoch, its best.yaml reproduces its score), one that learns nothing (ASHA stops it at a rung, against the good
-    trial's score there) and an invalid one (the trial fails; the sweep goes on)."""
+    trial's score there) and an invalid one (the trial fails; the sweep goes on). The data path is given relative to
+    the working folder, as users type it (trials run in folders of their own)."""
+    monkeypatch.chdir(os.path.dirname(tiny_world))
     overrides = [f"--{k}={v}" for k, v in TINY_LEARN.items() if k not in ("learning_rate", "epochs", "seed")] + [
-        f"--data_path={tiny_world}", "--epochs=3", "--seed=7", "--valid_metric=NDCG@10"]
+        f"--data_path={os.path.basename(tiny_world)}", "--epochs=3", "--seed=7", "--valid_metric=NDCG@10"]
     space = tmp_path / "space.yaml"
     space.write_text("learning_rate: {grid_search: [0.005, 1.0e-7, -1.0]}\n")
     out = tmp_path / "sweep"

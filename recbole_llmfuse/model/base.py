@@ -30,6 +30,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
 from recbole_llmfuse.data import FeatureTable
+from recbole_llmfuse.errors import ConfigError
 from recbole_llmfuse.model.encoders import SequenceBackbone
 from recbole_llmfuse.model.sequential import init_weights
 from recbole_llmfuse.stats import training_counts
@@ -56,11 +57,15 @@ def popularity_negatives(pos: torch.Tensor, k: int, log_q: torch.Tensor):
 class SequentialBase(SequentialRecommender):
     """Subclasses implement ``forward`` and ``item_vectors``/``all_item_vectors`` (see module docstring)."""
 
+    #: the ``loss_type`` values the model trains with (a model with a loss of its own names it here)
+    loss_types = LOSS_TYPES
+
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.loss_type = config["loss_type"]
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type '{self.loss_type}' is not supported by {type(self).__name__}; use one of {LOSS_TYPES}")
+        if self.loss_type not in self.loss_types:
+            raise ConfigError(f"loss_type '{self.loss_type}' is not supported by {type(self).__name__}; use one of "
+                              f"{self.loss_types}{self.loss_hint}")
         self.initializer_range = config["initializer_range"]
         if self.loss_type == "InfoNCE":
             self.infonce_negatives = int(config["infonce_negatives"])
@@ -75,6 +80,9 @@ class SequentialBase(SequentialRecommender):
         #: cosine scoring (training and ranking) for InfoNCE with infonce_cosine
         self.cosine = self.loss_type == "InfoNCE" and bool(config["infonce_cosine"])
         self._register_feature_tables(dataset)
+
+    #: appended to the unsupported-loss_type message
+    loss_hint = ""
 
     def _register_feature_tables(self, dataset) -> None:
         tables = getattr(type(self), "feature_tables", ())

@@ -4,6 +4,9 @@ Every model of the package embeds items its own way (ID table, projected LLM tex
 the ``[B, L, D]`` token states to one of these, read out at each sequence's last item:
 
 * ``SASRec`` — causal self-attention (:class:`~recbole_llmfuse.model.layers.FastTransformerEncoder`);
+* ``BERT4Rec`` — the same Transformer with bidirectional attention over the history (BERT4Rec's encoder, Sun et
+  al., CIKM 2019), read out at the last item and trained on the next item like every backbone here, not with
+  BERT4Rec's cloze objective (the target is never in the input, so seeing the whole history leaks nothing);
 * ``FMLPRec`` — FMLP-Rec's learnable frequency filters (Zhou et al., WWW 2022): rFFT over the sequence
   axis, element-wise complex weights ``[L//2+1, D]``, irFFT, dropout, residual, LayerNorm; then the
   transformer block's feed-forward sub-layer. Not in RecBole, written here;
@@ -27,9 +30,11 @@ from torch import nn
 
 from recbole_llmfuse.model.layers import Dropout, FastTransformerEncoder, activation
 
-BACKBONES = ("SASRec", "FMLPRec", "LRURec", "GRU4Rec", "NARM")
+BACKBONES = ("SASRec", "BERT4Rec", "FMLPRec", "LRURec", "GRU4Rec", "NARM")
 #: backbones that add learned positions to the item states before encoding
-POSITIONAL = ("SASRec", "FMLPRec")
+POSITIONAL = ("SASRec", "BERT4Rec", "FMLPRec")
+#: backbones built on the Transformer encoder
+TRANSFORMERS = ("SASRec", "BERT4Rec")
 TRANSFORMER_KEYS = (
     "n_layers",
     "n_heads",
@@ -179,7 +184,7 @@ class SequenceBackbone(nn.Module):
             raise ValueError(f"backbone '{kind}' is not supported; choose one of {BACKBONES}")
         self.kind = kind
         self.hidden_size = hidden_size or config["hidden_size"]
-        self.causal = causal
+        self.causal = causal and kind != "BERT4Rec"
         d = self.hidden_size
         self.position_embedding = nn.Embedding(max_seq_length, d) if kind in POSITIONAL else None
         self.LayerNorm = nn.LayerNorm(d, eps=config["layer_norm_eps"]) if kind in POSITIONAL + ("LRURec",) else None
@@ -195,7 +200,7 @@ class SequenceBackbone(nn.Module):
         self.dropout = Dropout(config["hidden_dropout_prob"])
         if kind == "LRURec":
             self.encoder = LRUEncoder(config, d)
-        elif kind == "SASRec":
+        elif kind in TRANSFORMERS:
             kwargs = {k: config[k] for k in TRANSFORMER_KEYS}
             kwargs["hidden_size"] = d
             self.encoder = FastTransformerEncoder(**kwargs)
@@ -217,7 +222,7 @@ class SequenceBackbone(nn.Module):
 
     def encode(self, hidden: torch.Tensor, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
         """Prepared states ``[B, L, D]`` -> read-out ``[B, D]`` at each sequence's last item."""
-        if self.kind == "SASRec":
+        if self.kind in TRANSFORMERS:
             return self.encoder.forward_at(hidden, item_seq != 0, item_seq_len - 1, causal=self.causal)
         if self.kind in ("FMLPRec", "LRURec"):
             return gather_last(self.encoder(hidden), item_seq_len)

@@ -33,6 +33,38 @@ def snapshot_slot(prefix_length, slots: int):
     return torch.floor(torch.log2(n)).long().clamp(max=slots - 1)
 
 
+#: the tables every PtE consumer reads: raw item text, item profiles, user-profile snapshots (spec §5.4)
+PTE_FEATURE_TABLES = LLMFusedSequentialRecommender.feature_tables + (
+    FeatureTable("pte_item_emb", hook="pte_embeddings", output="item", options="pte_emb",
+                 description="PtE item-profile embeddings"),
+    FeatureTable("pte_user_emb", hook="pte_embeddings", output="user", kind="user", options="pte_emb",
+                 description="PtE user-profile embeddings"),
+)
+
+
+def register_whitened_profiles(model: nn.Module, k) -> None:
+    """Fixed ``Whiten_k`` (spec §4.7) of a PtE consumer's three tables as non-persistent buffers (rebuilt from the
+    tables on load, never in a checkpoint): ``item_profile_w [n_items, k]``, ``item_text_w [n_items, k]``,
+    ``user_profile_w [n_users, S, k]``; ``k = None`` keeps every dimension (``Whiten_full``, spec §5.2)."""
+    def white(table):
+        return whitening(table, k or table.shape[-1])
+
+    model.register_buffer("item_profile_w", white(model.pte_item_emb), persistent=False)
+    model.register_buffer("item_text_w", white(model.item_text_emb), persistent=False)
+    users = model.pte_user_emb  # [n_users, S, d_enc]
+    model.register_buffer("user_profile_w", white(users.reshape(-1, users.shape[-1]))
+                          .reshape(users.shape[0], users.shape[1], -1), persistent=False)
+
+
+def instance_profiles(model: nn.Module, interaction):
+    """The whitened user-profile snapshot each instance of a batch reads (slot :func:`snapshot_slot` of its prefix
+    length): ``(z [B, k], has [B, 1])``, ``has`` 0 where the user has no profile (an all-zero row)."""
+    users = interaction[model.USER_ID]
+    slot = snapshot_slot(interaction[PREFIX_LENGTH_FIELD], model.user_profile_w.shape[1])
+    z = model.user_profile_w[users, slot]
+    return z, (z.abs().sum(-1, keepdim=True) > 0).to(z.dtype)
+
+
 class PtE(LLMFusedSequentialRecommender):
     """SASRec-PtE (spec PtE §5.1).
 
@@ -45,12 +77,7 @@ class PtE(LLMFusedSequentialRecommender):
     for users without one. Loss: ``loss_type: InfoNCE`` (64 uniform negatives, cosine / 0.07) by default.
     """
 
-    feature_tables = LLMFusedSequentialRecommender.feature_tables + (
-        FeatureTable("pte_item_emb", hook="pte_embeddings", output="item", options="pte_emb",
-                     description="PtE item-profile embeddings"),
-        FeatureTable("pte_user_emb", hook="pte_embeddings", output="user", kind="user", options="pte_emb",
-                     description="PtE user-profile embeddings"),
-    )
+    feature_tables = PTE_FEATURE_TABLES
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -61,12 +88,7 @@ class PtE(LLMFusedSequentialRecommender):
             raise ValueError(f"item_mode '{self.item_mode}': profile_plus_text | profile_only | text_only")
         if self.user_fusion not in ("concat", "add", "none"):
             raise ValueError(f"user_fusion '{self.user_fusion}': concat | add | none")
-        # fixed whitening (buffers, rebuilt from the tables on load: not in the checkpoint)
-        self.register_buffer("item_profile_w", whitening(self.pte_item_emb, k), persistent=False)
-        self.register_buffer("item_text_w", whitening(self.item_text_emb, k), persistent=False)
-        users = self.pte_user_emb  # [n_users, S, d_enc]
-        self.register_buffer("user_profile_w", whitening(users.reshape(-1, users.shape[-1]), k)
-                             .reshape(users.shape[0], users.shape[1], -1), persistent=False)
+        register_whitened_profiles(self, k)
         self.profile_mlp = adapter(self.item_profile_w.shape[1], d, kind) if self.item_mode != "text_only" else None
         self.text_mlp = adapter(self.item_text_w.shape[1], d, kind) if self.item_mode != "profile_only" else None
         self.item_fuse = nn.Linear(2 * d, d) if self.item_mode == "profile_plus_text" else None
@@ -106,10 +128,7 @@ class PtE(LLMFusedSequentialRecommender):
         h = super().encode(interaction)
         if self.user_fusion == "none":
             return h
-        users = interaction[self.USER_ID]
-        slot = snapshot_slot(interaction[PREFIX_LENGTH_FIELD], self.user_profile_w.shape[1])
-        z = self.user_profile_w[users, slot]  # [B, k]
-        has = (z.abs().sum(-1, keepdim=True) > 0).to(h.dtype)
+        z, has = instance_profiles(self, interaction)  # [B, k], [B, 1]
         u = F.normalize(has * self.user_mlp(z) + (1 - has) * self.empty_user, dim=-1)
         if self.user_fuse is None:
             return h + u
