@@ -59,6 +59,8 @@ class SequentialBase(SequentialRecommender):
 
     #: the ``loss_type`` values the model trains with (a model with a loss of its own names it here)
     loss_types = LOSS_TYPES
+    #: appended to the unsupported-loss_type message
+    loss_hint = ""
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -80,9 +82,6 @@ class SequentialBase(SequentialRecommender):
         #: cosine scoring (training and ranking) for InfoNCE with infonce_cosine
         self.cosine = self.loss_type == "InfoNCE" and bool(config["infonce_cosine"])
         self._register_feature_tables(dataset)
-
-    #: appended to the unsupported-loss_type message
-    loss_hint = ""
 
     def _register_feature_tables(self, dataset) -> None:
         tables = getattr(type(self), "feature_tables", ())

@@ -91,7 +91,6 @@ class GaussianDiffusion(nn.Module):
             a, a_prev = self.alpha_bar[step], self.alpha_bar[steps[i + 1]]
             eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
             x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-        return x
 
 
 class DreamRec(SequentialBase):
