@@ -9,6 +9,9 @@ differ in size and modality (an ID table against the raw LLM table is fine).
 
 ``recbole-llmfuse analyze kendall --ref A.pth:id --cmp B.pth:align_id [--cmp ...] --out DIR`` writes
 ``kendall.csv`` and ``kendall.png`` (tau per bucket, one curve per comparison).
+
+``recbole-llmfuse analyze popularity --model A.pth [--model B.pth ...] --out DIR`` writes ``popularity.csv`` and
+``popularity.png``: how far each model's ranking follows training popularity (see :func:`popularity_profile`).
 """
 from __future__ import annotations
 
@@ -170,6 +173,112 @@ def _plot(rows: List[dict], path: str) -> None:
     ax.set_ylabel("Kendall tau of behaviour-target distances")
     ax.set_title(f"reference: {rows[0]['comparison'].split(' vs ')[0]}" if rows else "")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- how much of a model's ranking is popularity ------------------------------------------------------------
+def popularity_profile(scores: np.ndarray, table: Optional[np.ndarray], item_counts: np.ndarray, n_buckets: int = 10,
+                       k: int = 10) -> Dict[str, Dict[str, float]]:
+    """How far a model's ranking follows training popularity, from its full-sort ``scores [U, n_items]`` (column 0,
+    padding, and already-seen items set to -inf by the caller) and its item ``table [n_items, d]`` (or None).
+
+    Returns ``{"overall": {"score_rho", "norm_rho", "topk_share", "norm"}, "b01": {...}, ...}``: ``score_rho`` is
+    the mean over users of Spearman's rho between an item's score and its training count (1: the popularity
+    ranker), ``topk_share`` the share of top-``k`` slots that go to each popularity bucket (the popularity ranker
+    puts them all in b01), ``norm`` the bucket's mean item-vector norm over the table's mean and ``norm_rho`` its
+    rank correlation with the count (inner-product scoring favours long vectors).
+    """
+    from scipy.stats import spearmanr
+
+    counts = np.asarray(item_counts)
+    bucket = frequency_buckets(counts, n_buckets)
+    if scores.shape[1] != len(counts) or (table is not None and len(table) != len(counts)):
+        raise ConfigError(f"scores over {scores.shape[1]} items, the dataset {len(counts)}; use a checkpoint of this "
+                          f"dataset")
+    seen = np.isfinite(scores[:, 1:])
+    rhos = [spearmanr(row[ok], counts[1:][ok]).statistic for row, ok in zip(scores[:, 1:], seen) if ok.sum() > 2]
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    shares = np.bincount(bucket[top].ravel(), minlength=n_buckets + 1)[1:] / top.size
+    norms = np.linalg.norm(np.asarray(table, dtype=np.float64), axis=1)[1:] if table is not None else None
+    out = {"overall": {"score_rho": float(np.nanmean(rhos)) if rhos else float("nan"),
+                       "norm_rho": float(spearmanr(norms, counts[1:]).statistic) if norms is not None else float("nan"),
+                       "topk_share": 1.0, "norm": 1.0 if norms is not None else float("nan")}}
+    for b in range(1, n_buckets + 1):
+        mask = bucket[1:] == b
+        norm = float(norms[mask].mean() / norms.mean()) if norms is not None and mask.any() else float("nan")
+        out[f"b{b:02d}"] = {"score_rho": float("nan"), "norm_rho": float("nan"), "topk_share": float(shares[b - 1]),
+                            "norm": norm}
+    return out
+
+
+def _full_sort_scores(model, data, max_users: int) -> np.ndarray:
+    """``[U, n_items]`` full-sort scores of up to ``max_users`` evaluation users, padding and the items each user
+    has already seen at -inf (as RecBole's full-sort evaluation masks them)."""
+    model.eval()
+    rows, done = [], 0
+    with torch.no_grad():
+        for interaction, history_index, _, _ in data:
+            scores = model.full_sort_predict(interaction.to(model.device)).view(len(interaction), -1).float().cpu()
+            scores[:, 0] = -np.inf
+            if history_index is not None:
+                scores[history_index] = -np.inf
+            rows.append(scores[: max_users - done].numpy())
+            done += len(rows[-1])
+            if done >= max_users:
+                break
+    return np.concatenate(rows)
+
+
+def popularity_report(specs: Sequence[str], out: str, n_buckets: int = 10, k: int = 10,
+                      max_users: int = 1000) -> List[dict]:
+    """:func:`popularity_profile` of each ``CKPT`` or ``CKPT:TABLE`` (default table ``item``) on its test users;
+    ``popularity.csv`` + ``popularity.png`` (top-``k`` share per bucket, one curve per checkpoint) in ``out``."""
+    cache: dict = {}
+    rows = []
+    for spec in specs:
+        path, table = (spec, "item") if spec.endswith(".pth") else _spec(spec)
+        _, model, _, train_data, _, test_data = _load(path, cache)
+        try:
+            vectors = item_table(model, table)
+        except (ConfigError, NotImplementedError):
+            if table != "item":
+                raise
+            vectors = None  # a model with no item table (the popularity ranker): scores only
+        profile = popularity_profile(_full_sort_scores(model, test_data, max_users), vectors,
+                                     training_counts(train_data.dataset)[0], n_buckets, k)
+        rows += [{"checkpoint": spec, "group": group, **values} for group, values in profile.items()]
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "popularity.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["checkpoint", "group", "score_rho", "norm_rho", "topk_share", "norm"])
+        writer.writeheader()
+        writer.writerows(rows)
+    _plot_popularity(rows, k, os.path.join(out, "popularity.png"))
+    return rows
+
+
+def _label(spec: str) -> str:
+    """A checkpoint's name in a legend: its folder (a bench's ``saved/<model>-seed<k>/``), else its file name."""
+    path = spec if spec.endswith(".pth") else spec.rpartition(":")[0]
+    return os.path.basename(os.path.dirname(os.path.abspath(path))) or os.path.basename(path)
+
+
+def _plot_popularity(rows: List[dict], k: int, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in dict.fromkeys(r["checkpoint"] for r in rows):
+        mine = [r for r in rows if r["checkpoint"] == name]
+        rho = mine[0]["score_rho"]
+        pts = [(int(r["group"][1:]), r["topk_share"]) for r in mine[1:]]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{_label(name)} (rho {rho:.2f})")
+    ax.set_xlabel("item popularity bucket (training split; 1 = most popular)")
+    ax.set_ylabel(f"share of top-{k} slots")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

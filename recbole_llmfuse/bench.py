@@ -413,9 +413,10 @@ FLAG_DEFAULTS = {"dataset": "ml-100k", "models": None, "seeds": "2020", "config_
 PLAN_KEYS = tuple(FLAG_DEFAULTS) + ("settings",)
 
 
-def _plan_value(key: str, value, folder: str) -> str:
-    """A plan value as its flag's string: lists joined (models with ';', seeds and metrics with ','), the paths of
-    ``config_files`` and ``tune`` relative to the plan's folder."""
+def _plan_value(key: str, value, folder: str):
+    """A plan value as its flag takes it: lists joined into a string (models with ';', seeds and metrics with ','),
+    the paths of ``config_files`` and ``tune`` relative to the plan's folder, the counts ``tune_samples`` and
+    ``tune_grace_period`` as ints (argparse's type for them), anything else as a string."""
     if key in ("config_files", "tune"):
         paths = value if isinstance(value, list) else str(value).split()
         return " ".join(os.path.normpath(os.path.join(folder, path)) for path in paths)

@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import recbole_llmfuse
 from recbole_llmfuse import bench, tune
-from recbole_llmfuse.analysis import isi_report, kendall_report
+from recbole_llmfuse.analysis import isi_report, kendall_report, popularity_report
 from recbole_llmfuse.config import Config, ConfigError, parse_overrides, read_yaml_file
 from recbole_llmfuse.data import dataset_folder, prepare_folder
 from recbole_llmfuse.dataset_prep import amazon, sparsify
@@ -329,6 +329,14 @@ def _add_analyze_arguments(analyze: argparse.ArgumentParser) -> None:
     p.add_argument("--max_pairs", type=int, default=200_000, help="pairs sampled per bucket (fixed seed)")
     p.add_argument("--buckets", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    n = sub.add_parser("popularity", help="how far each model's ranking follows training popularity: rank "
+                                          "correlation, top-k share per popularity bucket, item-vector norms")
+    n.add_argument("--model", action="append", required=True, metavar="CHECKPOINT.pth[:TABLE]",
+                   help="a trained model (its item table for the norms: item by default); repeat for several")
+    n.add_argument("--out", default="analysis_out", help="writes popularity.csv and popularity.png here")
+    n.add_argument("--buckets", type=int, default=10)
+    n.add_argument("--topk", type=int, default=10)
+    n.add_argument("--max_users", type=int, default=1000, help="test users scored (the first ones)")
     q = sub.add_parser("isi", help="Information Sufficiency Index between item spaces (PtE Eq. 2, spec PtE §8)")
     q.add_argument("--space", action="append", required=True, metavar="NAME=SOURCE",
                    help="NAME=CHECKPOINT.pth:TABLE (a trained model's item table: item, llm, ...) or NAME=FILE.npz "
@@ -347,6 +355,15 @@ def _analyze(args: argparse.Namespace, rest: List[str]) -> int:
         for r in rows:
             print(f"{r['source']}\t{r['target']}\t{r['family']}\t{r['isi']:.4f}\t{r['std']:.4f}")
         print(f"wrote {os.path.join(args.out, 'isi.csv')} and isi.png ({rows[0]['items']} items)")
+        return 0
+    if args.analyze_command == "popularity":
+        rows = popularity_report(args.model, args.out, args.buckets, args.topk, args.max_users)
+        print("checkpoint\tscore_rho\tnorm_rho\ttop-k share in b01")
+        for r in rows:
+            if r["group"] == "overall":
+                b01 = next(x for x in rows if x["checkpoint"] == r["checkpoint"] and x["group"] == "b01")
+                print(f"{r['checkpoint']}\t{r['score_rho']:.3f}\t{r['norm_rho']:.3f}\t{b01['topk_share']:.3f}")
+        print(f"wrote {os.path.join(args.out, 'popularity.csv')} and popularity.png")
         return 0
     rows = kendall_report(args.ref, args.cmp, args.out, args.max_pairs, args.seed, args.buckets)
     print("comparison\tgroup\ttau\tpairs")

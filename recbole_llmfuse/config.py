@@ -178,7 +178,8 @@ class Config(RecBoleConfig):
 
     #: settings that must be whole numbers >= 1 (checked before any data loads)
     POSITIVE_INTS = ("epochs", "train_batch_size", "eval_batch_size", "eval_step", "MAX_ITEM_LIST_LENGTH",
-                     "grad_accum_steps", "hidden_size", "embedding_size", "n_layers", "n_heads", "inner_size")
+                     "grad_accum_steps", "hidden_size", "embedding_size", "n_layers", "n_heads", "inner_size",
+                     "dreamrec_steps", "dreamrec_sample_stride")
 
     def _check_ranges(self) -> None:
         final = self.final_config_dict

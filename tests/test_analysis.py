@@ -1,4 +1,5 @@
-"""Kendall-tau distance-concordance tool (PAD §4.3): known values, invariances, the analyze command."""
+"""The analyze tools: Kendall-tau distance concordance (PAD §4.3), ISI (PtE §3) and how far a ranking follows popularity:
+known values, invariances, the analyze command."""
 from __future__ import annotations
 
 import csv
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from recbole_llmfuse import Config, get_trainer
-from recbole_llmfuse.analysis import kendall_by_bucket, sequence_pairs
+from recbole_llmfuse import Config, ConfigError, get_trainer
+from recbole_llmfuse.analysis import kendall_by_bucket, popularity_profile, sequence_pairs
 from recbole_llmfuse.cli import main
 from recbole_llmfuse.quick_start import build
 
@@ -100,3 +101,43 @@ def test_isi_report_writes_csv_and_plot_for_every_ordered_pair(tmp_path):
     best = {(r["source"], r["target"]): r["isi"] for r in rows if r["family"] == "best"}
     assert best[("a", "b")] > 0.5  # rows were matched by token although the files list them in other orders
     assert (tmp_path / "out" / "isi.csv").exists() and (tmp_path / "out" / "isi.png").stat().st_size > 0
+
+
+def test_popularity_profile_by_hand():
+    # 6 items (column 0 padding): counts fall with the id; row i of the table has norm i
+    counts = np.array([0, 50, 40, 30, 20, 10, 0])
+    table = np.vstack([np.zeros(3)] + [np.full(3, i / np.sqrt(3)) for i in range(1, 7)])
+    popular = np.array([[-np.inf, 6, 5, 4, 3, 2, 1]] * 2, dtype=float)  # the popularity ranker
+    contrary = np.array([[-np.inf, 1, 2, 3, 4, 5, 6],
+                         [-np.inf, 1, 2, 3, 4, 5, -np.inf]])  # user 2 has seen item 6: out of its rho and its top-k
+    up = popularity_profile(popular, table, counts, n_buckets=3, k=2)
+    assert up["overall"]["score_rho"] == pytest.approx(1.0) and up["overall"]["norm_rho"] == pytest.approx(-1.0)
+    assert up["b01"]["topk_share"] == 1.0 and up["b03"]["topk_share"] == 0.0
+    assert up["b01"]["norm"] < 1.0 < up["b03"]["norm"]
+    down = popularity_profile(contrary, None, counts, n_buckets=3, k=2)
+    assert down["overall"]["score_rho"] == pytest.approx(-1.0) and np.isnan(down["overall"]["norm_rho"])
+    assert down["b03"]["topk_share"] == pytest.approx(0.75) and down["b02"]["topk_share"] == pytest.approx(0.25)
+    with pytest.raises(ConfigError, match="use a checkpoint of this dataset"):
+        popularity_profile(popular[:, :5], None, counts)
+
+
+def test_analyze_popularity_command_writes_table_and_plot(small_cfg, tmp_path, capsys):
+    checkpoints = []
+    for name in ("Popularity", "FastSASRec"):
+        config = Config(name, SMALL, config_dict=small_cfg(epochs=1), argv=[])
+        _, model, train_data, valid_data, _ = build(config)
+        trainer = get_trainer(config["MODEL_TYPE"], name)(config, model)
+        trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+        checkpoints.append(trainer.saved_model_file)
+    out = tmp_path / "pop"
+    assert main(["analyze", "popularity", "--model", checkpoints[0], "--model", f"{checkpoints[1]}:item",
+                 "--out", str(out), "--buckets", "4", "--max_users", "50"]) == 0
+    with open(out / "popularity.csv") as f:
+        rows = list(csv.DictReader(f))
+    pop, fast = rows[:5], rows[5:]
+    assert [r["group"] for r in pop] == ["overall", "b01", "b02", "b03", "b04"]
+    assert float(pop[0]["score_rho"]) > 0.99 and float(pop[1]["topk_share"]) == 1.0  # the ranker is popularity
+    assert float(fast[0]["score_rho"]) < 0.99 and -1 <= float(fast[0]["norm_rho"]) <= 1
+    assert sum(float(r["topk_share"]) for r in fast[1:]) == pytest.approx(1.0)
+    assert Image.open(out / "popularity.png").size[0] > 100
+    assert "wrote" in capsys.readouterr().out

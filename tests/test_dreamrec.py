@@ -129,7 +129,7 @@ def test_dreamrec_pte_table_is_the_frozen_full_whitening_of_the_profiles(tiny_wo
 
 @pytest.mark.parametrize("key, value, words", [
     ("loss_type", "CE", "DreamRec[loss_type=MSE]"),
-    ("dreamrec_sample_stride", 0, "dreamrec_sample_stride 0: give 1 or more"),
+    ("dreamrec_sample_stride", 0, "dreamrec_sample_stride 0: must be a whole number >= 1"),
     ("dreamrec_cond_dropout", 1.0, "dreamrec_cond_dropout 1.0"),
 ])
 def test_bad_settings_are_one_line(tiny_world, key, value, words):
@@ -137,9 +137,16 @@ def test_bad_settings_are_one_line(tiny_world, key, value, words):
         _build("DreamRec", tiny_world, **{key: value})
 
 
-def test_dreamrec_pte_bad_modes_are_one_line(tiny_world):
-    with pytest.raises(ConfigError, match="user_fusion 'concat': add | none"):
-        _build("DreamRecPtE", tiny_world, user_fusion="concat")
+@pytest.mark.parametrize("model, key, value, words", [
+    ("DreamRecPtE", "user_fusion", "concat", "DreamRecPtE: user_fusion 'concat': add | none"),
+    ("DreamRecPtE", "item_mode", "profile", "DreamRecPtE: item_mode 'profile': choose one of"),
+    ("PtE", "item_mode", "profile", "PtE: item_mode 'profile': choose one of"),
+    ("PtE", "user_fusion", "sum", "PtE: user_fusion 'sum': concat | add | none"),
+])
+def test_pte_backbones_bad_modes_are_one_line(tiny_world, model, key, value, words):
+    """Both PtE backbones refuse an unknown mode with the same error class (one line at the command line)."""
+    with pytest.raises(ConfigError, match=words.replace("|", r"\|")):
+        _build(model, tiny_world, **{key: value})
 
 
 @pytest.mark.parametrize("model", ["DreamRec", "DreamRecPtE"])

@@ -104,9 +104,6 @@ class DreamRec(SequentialBase):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        for key in ("dreamrec_steps", "dreamrec_sample_stride"):
-            if int(config[key]) < 1:
-                raise ConfigError(f"{key} {config[key]}: give 1 or more")
         if not 0 <= float(config["dreamrec_cond_dropout"]) < 1:
             raise ConfigError(f"dreamrec_cond_dropout {config['dreamrec_cond_dropout']}: give a share in [0, 1)")
         dim = self.make_item_table(config)

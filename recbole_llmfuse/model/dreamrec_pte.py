@@ -15,9 +15,7 @@ from torch import nn
 
 from recbole_llmfuse.errors import ConfigError
 from recbole_llmfuse.model.dreamrec import DreamRec
-from recbole_llmfuse.model.pte import PTE_FEATURE_TABLES, instance_profiles, register_whitened_profiles
-
-ITEM_MODES = ("profile_only", "text_only", "profile_plus_text")
+from recbole_llmfuse.model.pte import ITEM_MODES, PTE_FEATURE_TABLES, instance_profiles, register_whitened_profiles
 
 
 class DreamRecPtE(DreamRec):

@@ -11,9 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from recbole_llmfuse.data import PREFIX_LENGTH_FIELD, FeatureTable
+from recbole_llmfuse.errors import ConfigError
 from recbole_llmfuse.model.base import LLMFusedSequentialRecommender
 from recbole_llmfuse.model.encoders import SequenceBackbone
 from recbole_llmfuse.model.layers import whitening
+
+
+ITEM_MODES = ("profile_only", "text_only", "profile_plus_text")  # which item features a PtE backbone reads (spec §5.1)
 
 
 def adapter(k: int, d: int, kind: str) -> nn.Module:
@@ -22,7 +26,7 @@ def adapter(k: int, d: int, kind: str) -> nn.Module:
     if kind == "linear":
         return nn.Linear(k, d)
     if kind != "mlp":
-        raise ValueError(f"pte_adapter '{kind}': mlp | linear")
+        raise ConfigError(f"pte_adapter '{kind}': mlp | linear")
     return nn.Sequential(nn.Linear(k, d), nn.ReLU(), nn.Linear(d, d))
 
 
@@ -84,10 +88,10 @@ class PtE(LLMFusedSequentialRecommender):
         d, kind = config["hidden_size"], config["pte_adapter"]
         k = config["pte_whiten_dim"] or d
         self.item_mode, self.user_fusion = config["item_mode"], config["user_fusion"]
-        if self.item_mode not in ("profile_plus_text", "profile_only", "text_only"):
-            raise ValueError(f"item_mode '{self.item_mode}': profile_plus_text | profile_only | text_only")
+        if self.item_mode not in ITEM_MODES:
+            raise ConfigError(f"PtE: item_mode '{self.item_mode}': choose one of {ITEM_MODES}")
         if self.user_fusion not in ("concat", "add", "none"):
-            raise ValueError(f"user_fusion '{self.user_fusion}': concat | add | none")
+            raise ConfigError(f"PtE: user_fusion '{self.user_fusion}': concat | add | none")
         register_whitened_profiles(self, k)
         self.profile_mlp = adapter(self.item_profile_w.shape[1], d, kind) if self.item_mode != "text_only" else None
         self.text_mlp = adapter(self.item_text_w.shape[1], d, kind) if self.item_mode != "profile_only" else None
