@@ -32,6 +32,7 @@ from recbole_llmfuse.dataset_prep.encoder_lora import model_files_fingerprint
 from recbole_llmfuse.dataset_prep.hooks import PrepError, PrepHook, atomic_write_text, hook_defaults_file, make_hook
 from recbole_llmfuse.dataset_prep.profiles import profile_stem
 from recbole_llmfuse.dataset_prep.pte_rewards import paper_logsigmoid
+from recbole_llmfuse.files import png_figure, write_csv
 from recbole_llmfuse.llm import ADAPTER_CHAIN_FILE, default_device, default_gguf_file, load_causal_lm, load_tokenizer
 
 #: the file in the TRL work folder naming the fingerprint its checkpoints belong to
@@ -228,34 +229,19 @@ def replace_dir(tmp: str, final: str) -> None:
 
 def write_history(folder: str, history: List[dict], keys) -> None:
     """``log.csv`` (every logged value per step) and ``curve.png`` (``keys`` over steps) in ``folder``."""
-    import csv
-    import io
-
     if not history:
         return
     columns = sorted({k for h in history for k in h if isinstance(h[k], (int, float))})
-    buf = io.StringIO()
-    out = csv.writer(buf)
-    out.writerow(columns)
-    for h in history:
-        out.writerow([h.get(c, "") for c in columns])
-    atomic_write_text(os.path.join(folder, "log.csv"), buf.getvalue())
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    write_csv(os.path.join(folder, "log.csv"), history, columns, extrasaction="ignore")
     shown = [k for k in keys if any(k in h for h in history)]
-    fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(4.5 * max(1, len(shown)), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], shown):
-        pts = [(h.get("step", n + 1), h[key]) for n, h in enumerate(history) if key in h]
-        ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", ms=3)
-        ax.set_xlabel("step")
-        ax.set_title(key)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "curve.png"), dpi=110)
-    plt.close(fig)
+    with png_figure(os.path.join(folder, "curve.png"), dpi=110, ncols=max(1, len(shown)),
+                    figsize=(4.5 * max(1, len(shown)), 3.2), squeeze=False) as (_, axes):
+        for ax, key in zip(axes[0], shown):
+            pts = [(h.get("step", n + 1), h[key]) for n, h in enumerate(history) if key in h]
+            ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", ms=3)
+            ax.set_xlabel("step")
+            ax.set_title(key)
+            ax.grid(alpha=0.3)
 
 
 class ProfilerSFTHook(ProfilerTuningHook):

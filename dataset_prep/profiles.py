@@ -32,6 +32,7 @@ from recbole_llmfuse.dataset_prep.hooks import (
 from recbole_llmfuse.dataset_prep.item_text import item_file_digest, read_item_file
 from recbole_llmfuse.dataset_prep.pte_rewards import ProfileReward
 from recbole_llmfuse.errors import ConfigError
+from recbole_llmfuse.files import write_csv
 from recbole_llmfuse.generation import TemplateGenerator, cached_generate, make_generator
 from recbole_llmfuse.llm import adapter_digest, resolve_model_path
 
@@ -441,9 +442,6 @@ class ProfilesHook(PrepHook):
         Eq. 9-11; the top-reward one becomes the profile. ``best_of_k: 1`` scores the loop's profiles as they
         are (``reward_log: true``: the rewards of untuned profiles, for comparisons). Writes the candidate log
         (chosen text, every candidate's text, rewards and sampling) and the per-entity reward table."""
-        import csv
-        import io
-
         p, k = self.params, self.best_of_k
         temps = [float(t) for t in (p["best_of_k_temperatures"] or [p["temperature"]])]
         profiles = {"user": dict(user_p), "item": dict(item_p)}
@@ -481,11 +479,8 @@ class ProfilesHook(PrepHook):
                              group[best]["well_formed"], float(np.mean([s["reward"] for s in group]))])
         log_path, csv_path = self.outputs()[3:5]
         atomic_write_text(log_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in log))
-        buf = io.StringIO()
-        out = csv.writer(buf)
-        out.writerow(["kind", "entity", "k", "chosen", "reward", "collab", "dist", "well_formed", "mean_reward"])
-        out.writerows(rows)
-        atomic_write_text(csv_path, buf.getvalue())
+        columns = ["kind", "entity", "k", "chosen", "reward", "collab", "dist", "well_formed", "mean_reward"]
+        write_csv(csv_path, [dict(zip(columns, r)) for r in rows], columns)
         return {"profiles": profiles, "summary": reward_summary(rows)}
 
     def rewards(self) -> dict:

@@ -15,7 +15,6 @@ differ in size and modality (an ID table against the raw LLM table is fine).
 """
 from __future__ import annotations
 
-import csv
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -24,6 +23,7 @@ import torch
 
 from recbole_llmfuse.dataset_prep import itememb
 from recbole_llmfuse.errors import ConfigError
+from recbole_llmfuse.files import png_figure, write_csv
 from recbole_llmfuse.quick_start import load_data_and_model
 from recbole_llmfuse.stats import frequency_buckets, training_counts
 
@@ -100,8 +100,11 @@ def item_table(model, name: str) -> np.ndarray:
         if name == "llm" and hasattr(model, "item_text_emb"):
             return model.item_text_emb.cpu().numpy()
         if name == "item":
-            if hasattr(model, "all_item_vectors"):
-                return model.all_item_vectors().detach().cpu().numpy()
+            try:
+                if hasattr(model, "all_item_vectors"):
+                    return model.all_item_vectors().detach().cpu().numpy()
+            except NotImplementedError:  # SequentialBase's default: a model without candidate vectors
+                pass
             if hasattr(model, "item_embedding"):
                 return model.item_embedding.weight.detach().cpu().numpy()
         state = model.state_dict()
@@ -120,7 +123,10 @@ def _load(path: str, cache: dict):
     return cache[path]
 
 
-def _spec(text: str) -> Tuple[str, str]:
+def _spec(text: str, default: Optional[str] = None) -> Tuple[str, str]:
+    """``CKPT.pth:TABLE`` -> ``(CKPT.pth, TABLE)``; a bare ``CKPT.pth`` gets ``default`` where one is given."""
+    if default is not None and text.endswith(".pth"):
+        return text, default
     path, sep, table = text.rpartition(":")
     if not sep or not path or not table:
         raise ConfigError(f"'{text}': write CHECKPOINT.pth:TABLE, e.g. saved/PAD-finetune-....pth:align_id")
@@ -149,33 +155,22 @@ def kendall_report(ref: str, comparisons: Sequence[str], out: str, max_pairs: in
         result = kendall_by_bucket(a, item_table(model, table), src, tgt, bucket, max_pairs, seed)
         for group, (tau, pairs) in result.items():
             rows.append({"comparison": f"{ref} vs {spec}", "group": group, "tau": tau, "pairs": pairs})
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "kendall.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["comparison", "group", "tau", "pairs"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(os.path.join(out, "kendall.csv"), rows, ["comparison", "group", "tau", "pairs"])
     _plot(rows, os.path.join(out, "kendall.png"))
     return rows
 
 
 def _plot(rows: List[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name in dict.fromkeys(r["comparison"] for r in rows):
-        pts = [(int(r["group"][1:]), r["tau"]) for r in rows if r["comparison"] == name and r["group"] != "overall"]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name.split(" vs ")[1])
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("target item popularity bucket (training split; 1 = most popular)")
-    ax.set_ylabel("Kendall tau of behaviour-target distances")
-    ax.set_title(f"reference: {rows[0]['comparison'].split(' vs ')[0]}" if rows else "")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with png_figure(path, figsize=(7, 4)) as (_, ax):
+        for name in dict.fromkeys(r["comparison"] for r in rows):
+            pts = [(int(r["group"][1:]), r["tau"]) for r in rows
+                   if r["comparison"] == name and r["group"] != "overall"]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name.split(" vs ")[1])
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("target item popularity bucket (training split; 1 = most popular)")
+        ax.set_ylabel("Kendall tau of behaviour-target distances")
+        ax.set_title(f"reference: {rows[0]['comparison'].split(' vs ')[0]}" if rows else "")
+        ax.legend(fontsize=8)
 
 
 # -- how much of a model's ranking is popularity ------------------------------------------------------------
@@ -238,50 +233,39 @@ def popularity_report(specs: Sequence[str], out: str, n_buckets: int = 10, k: in
     cache: dict = {}
     rows = []
     for spec in specs:
-        path, table = (spec, "item") if spec.endswith(".pth") else _spec(spec)
+        path, table = _spec(spec, "item")
         _, model, _, train_data, _, test_data = _load(path, cache)
         try:
             vectors = item_table(model, table)
-        except (ConfigError, NotImplementedError):
+        except ConfigError:
             if table != "item":
                 raise
             vectors = None  # a model with no item table (the popularity ranker): scores only
         profile = popularity_profile(_full_sort_scores(model, test_data, max_users), vectors,
                                      training_counts(train_data.dataset)[0], n_buckets, k)
         rows += [{"checkpoint": spec, "group": group, **values} for group, values in profile.items()]
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "popularity.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["checkpoint", "group", "score_rho", "norm_rho", "topk_share", "norm"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(os.path.join(out, "popularity.csv"), rows,
+              ["checkpoint", "group", "score_rho", "norm_rho", "topk_share", "norm"])
     _plot_popularity(rows, k, os.path.join(out, "popularity.png"))
     return rows
 
 
 def _label(spec: str) -> str:
     """A checkpoint's name in a legend: its folder (a bench's ``saved/<model>-seed<k>/``), else its file name."""
-    path = spec if spec.endswith(".pth") else spec.rpartition(":")[0]
+    path = _spec(spec, "item")[0]
     return os.path.basename(os.path.dirname(os.path.abspath(path))) or os.path.basename(path)
 
 
 def _plot_popularity(rows: List[dict], k: int, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name in dict.fromkeys(r["checkpoint"] for r in rows):
-        mine = [r for r in rows if r["checkpoint"] == name]
-        rho = mine[0]["score_rho"]
-        pts = [(int(r["group"][1:]), r["topk_share"]) for r in mine[1:]]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{_label(name)} (rho {rho:.2f})")
-    ax.set_xlabel("item popularity bucket (training split; 1 = most popular)")
-    ax.set_ylabel(f"share of top-{k} slots")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with png_figure(path, figsize=(7, 4)) as (_, ax):
+        for name in dict.fromkeys(r["checkpoint"] for r in rows):
+            mine = [r for r in rows if r["checkpoint"] == name]
+            rho = mine[0]["score_rho"]
+            pts = [(int(r["group"][1:]), r["topk_share"]) for r in mine[1:]]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{_label(name)} (rho {rho:.2f})")
+        ax.set_xlabel("item popularity bucket (training split; 1 = most popular)")
+        ax.set_ylabel(f"share of top-{k} slots")
+        ax.legend(fontsize=7)
 
 
 # -- Information Sufficiency Index (PtE paper §3, Eq. 1-2; estimator of spec PtE §8.2) ------------------------
@@ -396,37 +380,26 @@ def isi_report(spaces: Sequence[str], out: str, seeds: Sequence[int] = (0, 1, 2,
             result = isi(tables[a], tables[b], seeds=seeds, clusters=clusters)
             for family, (mean, std) in result.items():
                 rows.append({"source": a, "target": b, "family": family, "isi": mean, "std": std, "items": len(keys)})
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "isi.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["source", "target", "family", "isi", "std", "items"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(os.path.join(out, "isi.csv"), rows, ["source", "target", "family", "isi", "std", "items"])
     _plot_isi(rows, list(tables), os.path.join(out, "isi.png"))
     return rows
 
 
 def _plot_isi(rows: List[dict], names: List[str], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     grid = np.full((len(names), len(names)), np.nan)
     for r in rows:
         if r["family"] == "best":
             grid[names.index(r["source"]), names.index(r["target"])] = r["isi"]
-    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 1.4 * len(names) + 1.5))
-    im = ax.imshow(grid, cmap="viridis", vmin=min(0.0, np.nanmin(grid)), vmax=1.0)
-    for i in range(len(names)):
-        for j in range(len(names)):
-            if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w" if grid[i, j] < 0.6 else "k")
-    ax.set_xticks(range(len(names)), names)
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("V (predicted space)")
-    ax.set_ylabel("U (given space)")
-    ax.set_title("ISI(U -> V) = 1 - CE(V|U) / H(V)")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with png_figure(path, figsize=(1.6 * len(names) + 2, 1.4 * len(names) + 1.5)) as (fig, ax):
+        im = ax.imshow(grid, cmap="viridis", vmin=min(0.0, np.nanmin(grid)), vmax=1.0)
+        for i in range(len(names)):
+            for j in range(len(names)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center",
+                            color="w" if grid[i, j] < 0.6 else "k")
+        ax.set_xticks(range(len(names)), names)
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("V (predicted space)")
+        ax.set_ylabel("U (given space)")
+        ax.set_title("ISI(U -> V) = 1 - CE(V|U) / H(V)")
+        fig.colorbar(im, ax=ax, fraction=0.046)

@@ -20,7 +20,6 @@ does not read are inert for it. ``results.md`` names the budget and each model's
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -32,6 +31,7 @@ from typing import Dict, List, Optional
 
 from recbole_llmfuse.config import Config, ConfigError, parse_overrides, read_yaml_file
 from recbole_llmfuse.data import prepare
+from recbole_llmfuse.files import atomic_write_text, png_figure, write_csv
 from recbole_llmfuse.quick_start import execute
 from recbole_llmfuse.registry import get_model
 from recbole_llmfuse.tune import parse_space, run_tune
@@ -194,8 +194,7 @@ def summarize(records: List[dict], models: List[str], metrics: List[str], out: s
     if failed:
         lines += ["", "Failed runs:"] + [f"- {r['model']} seed {r['seed']}: {r['error']}" for r in failed]
     table = "\n".join(lines) + "\n"
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table)
+    atomic_write_text(os.path.join(out, "results.md"), table)
     _plots(by_model, metrics[0], out)
     return table
 
@@ -205,36 +204,25 @@ def _phase_order(records: List[dict], name: str) -> int:
 
 
 def _plots(by_model: Dict[str, List[dict]], metric: str, out: str) -> None:
-    import matplotlib
+    with png_figure(os.path.join(out, "buckets.png"), figsize=(7, 4)) as (_, ax):
+        for model, rs in by_model.items():
+            buckets = sorted({k.split("/b")[1] for r in rs for k in r if k.startswith(f"test_{metric}/b")})
+            if not buckets:
+                continue
+            means = [statistics.mean(r[f"test_{metric}/b{b}"] for r in rs) for b in buckets]
+            ax.plot([int(b) for b in buckets], means, marker="o", label=model)
+        ax.set_xlabel("item popularity bucket (training split; 1 = most popular)")
+        ax.set_ylabel(f"test {metric}")
+        ax.legend()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for model, rs in by_model.items():
-        buckets = sorted({k.split("/b")[1] for r in rs for k in r if k.startswith(f"test_{metric}/b")})
-        if not buckets:
-            continue
-        means = [statistics.mean(r[f"test_{metric}/b{b}"] for r in rs) for b in buckets]
-        ax.plot([int(b) for b in buckets], means, marker="o", label=model)
-    ax.set_xlabel("item popularity bucket (training split; 1 = most popular)")
-    ax.set_ylabel(f"test {metric}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "buckets.png"), dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for model, rs in by_model.items():
-        for i, r in enumerate(rs):
-            ax.plot(range(1, len(r["valid_curve"]) + 1), r["valid_curve"], color=f"C{list(by_model).index(model)}",
-                    alpha=0.8, label=model if i == 0 else None)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation score (valid_metric)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "valid_curves.png"), dpi=120)
-    plt.close(fig)
+    with png_figure(os.path.join(out, "valid_curves.png"), figsize=(7, 4)) as (_, ax):
+        for model, rs in by_model.items():
+            for i, r in enumerate(rs):
+                ax.plot(range(1, len(r["valid_curve"]) + 1), r["valid_curve"],
+                        color=f"C{list(by_model).index(model)}", alpha=0.8, label=model if i == 0 else None)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation score (valid_metric)")
+        ax.legend()
 
 
 def _run_one(n: int, total: int, spec: dict, out: str, metrics, resume: bool, env: Optional[dict]) -> List[dict]:
@@ -329,13 +317,11 @@ def tune_models(models, dataset, space: str, samples: int, config_files, overrid
             continue
         # a key the model's brackets fix is inert in its sweep (command-line overrides win): not "chosen"
         chosen[model] = {k: best[k] for k in keys if k not in variant}
-        with open(record, "w") as f:
-            json.dump(chosen[model], f)
+        atomic_write_text(record, json.dumps(chosen[model]))
         print(f"tuning {model}: {len(result['rows'])} trials ({result['failed']} failed, {result['stopped_early']} "
               f"stopped early) in {time.perf_counter() - start:.0f} s; chosen {chosen[model]}", flush=True)
     budget = f"{samples} trials of {os.path.basename(space)} ({', '.join(keys)}), ASHA on validation {metric}"
-    with open(os.path.join(out, "tune", "budget.txt"), "w") as f:
-        f.write(f"{budget} on {dataset}\n")
+    atomic_write_text(os.path.join(out, "tune", "budget.txt"), f"{budget} on {dataset}\n")
     return {"budget": budget, "chosen": chosen}
 
 
@@ -398,10 +384,7 @@ def run_bench(models, dataset, seeds, config_files, overrides, out, metrics, res
     keys = []
     for r in records:
         keys += [k for k in r if k not in keys and k != "valid_curve"]
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(records)
+    write_csv(os.path.join(out, "results.csv"), records, keys, extrasaction="ignore")
     return records
 
 
@@ -523,9 +506,8 @@ def main_from_args(args: argparse.Namespace, overrides: List[str]) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        result = _worker(json.loads(sys.argv[2]))
-        with open(sys.argv[3], "w") as f:
-            json.dump(result, f)
+        # atomic: --resume trusts any result file it finds
+        atomic_write_text(sys.argv[3], json.dumps(_worker(json.loads(sys.argv[2]))))
     else:
         parser = argparse.ArgumentParser(prog="recbole-llmfuse bench", description=__doc__)
         add_arguments(parser)

@@ -19,7 +19,7 @@ from recbole_llmfuse.atomic import AtomicFileError, check_dataset, header_names
 from recbole_llmfuse.dataset_prep import amazon, itememb
 from recbole_llmfuse.dataset_prep import hooks as prep_hooks
 from recbole_llmfuse.errors import DatasetNotFoundError, ItemEmbeddingError
-from recbole_llmfuse.files import temp_dir
+from recbole_llmfuse.files import atomic_write_text, temp_dir
 from recbole_llmfuse.stats import check_protocol, cold_start_user_groups
 
 EMBEDDED_DATASETS = ("ml-100k",)
@@ -79,17 +79,13 @@ def write_ml100k_slice(root: str, name: str, users: int, last: Optional[int] = N
             user, item, _, stamp = line.rstrip("\n").split("\t")
             if int(user) <= users:
                 rows.setdefault(user, []).append((float(stamp), item, line))
-    os.makedirs(folder, exist_ok=True)
-    items = set()
-    with open(os.path.join(folder, f"{name}.inter"), "w") as f:
-        f.write(header)
-        for seq in rows.values():
-            for _, item, line in sorted(seq)[-last if last else 0:]:
-                f.write(line)
-                items.add(item)
-    with open(os.path.join(src, "ml-100k.item")) as f_in, open(os.path.join(folder, f"{name}.item"), "w") as f_out:
-        f_out.write(f_in.readline())
-        f_out.writelines(line for line in f_in if line.split("\t", 1)[0] in items)
+    kept = [line for seq in rows.values() for _, _, line in sorted(seq)[-last if last else 0:]]
+    items = {line.split("\t", 2)[1] for line in kept}
+    with open(os.path.join(src, "ml-100k.item")) as f_in:
+        item_text = f_in.readline() + "".join(line for line in f_in if line.split("\t", 1)[0] in items)
+    # .item first, each file whole (temp file, then rename): a slice with its .inter is a complete slice
+    atomic_write_text(os.path.join(folder, f"{name}.item"), item_text)
+    atomic_write_text(os.path.join(folder, f"{name}.inter"), header + "".join(kept))
     return folder
 
 

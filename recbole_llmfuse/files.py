@@ -2,8 +2,12 @@
 umask kept, a folder's writability checked before hours of work depend on it."""
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
 import os
 import tempfile
+from typing import Iterable, Iterator, Sequence
 
 from recbole_llmfuse.errors import ConfigError
 
@@ -43,6 +47,35 @@ def atomic_write(path: str, write) -> None:
 def atomic_write_text(path: str, text: str) -> None:
     """:func:`atomic_write` of a UTF-8 text."""
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_csv(path: str, rows: Iterable[dict], fieldnames: Sequence[str], **options) -> None:
+    """``rows`` (dicts) as a CSV with a header at ``path``, written atomically; ``options`` go to
+    :class:`csv.DictWriter` (e.g. ``extrasaction="ignore"``)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fieldnames), **options)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+@contextlib.contextmanager
+def png_figure(path: str, dpi: int = 120, **subplots) -> Iterator[tuple]:
+    """``with png_figure(path, figsize=(7, 4)) as (fig, ax): ...`` draws on ``plt.subplots(**subplots)`` and, when
+    the block ends without error, writes the PNG atomically; the figure is closed either way. matplotlib's Agg
+    backend: no display needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(**subplots)
+    try:
+        yield fig, ax
+        fig.tight_layout()
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
 
 
 def writable_dir(path: str, setting: str) -> str:

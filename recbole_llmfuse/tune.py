@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import csv
 import math
 import os
 import time
@@ -33,6 +32,7 @@ import yaml
 
 from recbole_llmfuse.config import Config, ConfigError, parse_overrides, read_yaml_file
 from recbole_llmfuse.data import prepare
+from recbole_llmfuse.files import atomic_write_text, png_figure, write_csv
 from recbole_llmfuse.quick_start import execute
 from recbole_llmfuse.ray_runtime import ray_session, worker_setup
 from recbole_llmfuse.registry import get_model
@@ -246,16 +246,13 @@ def summarize(grid, space, metric, max_t, out, model, dataset, config_files, ove
             curves[name] = (df["epoch"].tolist(), df[metric].tolist())
     rows.sort(key=lambda r: (r["status"] == "failed", -(r[f"best_{metric}"] if not math.isnan(r[f"best_{metric}"]) else -1)))
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        cols = ["trial", "status", f"best_{metric}", "epochs"] + list(space)
-        f.write(f"{model} on {dataset}: {len(rows)} trials, sorted by best validation {metric}; "
-                f"sweep wall time {wall:.0f} s\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
-        for r in rows:
-            f.write("| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |\n")
+    write_csv(os.path.join(out, "results.csv"), rows, keys)
+    cols = ["trial", "status", f"best_{metric}", "epochs"] + list(space)
+    atomic_write_text(os.path.join(out, "results.md"),
+                      f"{model} on {dataset}: {len(rows)} trials, sorted by best validation {metric}; "
+                      f"sweep wall time {wall:.0f} s\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+                      + "".join("| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in cols)
+                                + " |\n" for r in rows))
     ok = [r for r in rows if r["status"] != "failed" and not math.isnan(r[f"best_{metric}"])]
     best = ok[0] if ok else None
     if best is not None:
@@ -266,31 +263,24 @@ def summarize(grid, space, metric, max_t, out, model, dataset, config_files, ove
         merged.update(fixed)
         merged.update({k: best[k] for k in space})
         merged.update({"model": model, "dataset": dataset})
-        with open(os.path.join(out, "best.yaml"), "w") as f:
-            f.write(f"# best of {len(rows)} trials ({best['trial']}: validation {metric} {best[f'best_{metric}']:.4f}).\n"
-                    f"# Reproduce: run_recbole --config_files {os.path.join(out, 'best.yaml')}\n")
-            yaml.safe_dump({k: _plain(v) for k, v in merged.items()}, f, sort_keys=False)
+        atomic_write_text(os.path.join(out, "best.yaml"),
+                          f"# best of {len(rows)} trials ({best['trial']}: validation {metric} "
+                          f"{best[f'best_{metric}']:.4f}).\n# Reproduce: run_recbole --config_files "
+                          f"{os.path.join(out, 'best.yaml')}\n"
+                          + yaml.safe_dump({k: _plain(v) for k, v in merged.items()}, sort_keys=False))
     _plot(curves, metric, os.path.join(out, "curves.png"))
     return {"rows": rows, "best": best, "failed": sum(r["status"] == "failed" for r in rows),
             "stopped_early": sum(r["status"] == "stopped" for r in rows), "wall_s": wall}
 
 
 def _plot(curves: Dict[str, tuple], metric: str, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, (x, y) in curves.items():
-        ax.plot(x, y, marker="o", label=name[:40])
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(f"validation {metric}")
-    if curves:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with png_figure(path, figsize=(7, 4)) as (_, ax):
+        for name, (x, y) in curves.items():
+            ax.plot(x, y, marker="o", label=name[:40])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"validation {metric}")
+        if curves:
+            ax.legend(fontsize=7)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -148,6 +148,23 @@ def test_written_files_follow_the_umask(tmp_path):
     assert os.stat(tmp_path / "f.npz").st_mode & 0o777 == 0o644 and os.stat(folder).st_mode & 0o777 == 0o755
 
 
+def test_a_report_whose_drawing_fails_leaves_the_old_plot_and_no_temp_file(tmp_path):
+    from recbole_llmfuse.files import png_figure, write_csv
+
+    path = tmp_path / "plot.png"
+    with png_figure(str(path), figsize=(2, 2)) as (_, ax):
+        ax.plot([1, 2], [3, 4])
+    before = path.read_bytes()
+    assert before[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(KeyError):
+        with png_figure(str(path)) as (_, ax):
+            ax.plot([1], [2])
+            raise KeyError("a row without the column")
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["plot.png"]
+    write_csv(str(tmp_path / "t.csv"), [{"a": 1, "b": 2, "x": 0}], ["a", "b"], extrasaction="ignore")
+    assert (tmp_path / "t.csv").read_text().splitlines() == ["a,b", "1,2"]
+
+
 def test_items_that_all_fall_back_to_the_default_text_are_refused(tmp_path):
     from recbole_llmfuse.dataset_prep.embed import ItemTextEmbeddingHook
     from recbole_llmfuse.dataset_prep.hooks import PrepError
