@@ -100,11 +100,11 @@ def item_table(model, name: str) -> np.ndarray:
         if name == "llm" and hasattr(model, "item_text_emb"):
             return model.item_text_emb.cpu().numpy()
         if name == "item":
-            try:
-                if hasattr(model, "all_item_vectors"):
+            if hasattr(model, "all_item_vectors"):
+                try:
                     return model.all_item_vectors().detach().cpu().numpy()
-            except NotImplementedError:  # SequentialBase's default: a model without candidate vectors
-                pass
+                except NotImplementedError:  # SequentialBase's default: a model without candidate vectors
+                    pass
             if hasattr(model, "item_embedding"):
                 return model.item_embedding.weight.detach().cpu().numpy()
         state = model.state_dict()

@@ -79,13 +79,13 @@ def write_ml100k_slice(root: str, name: str, users: int, last: Optional[int] = N
             user, item, _, stamp = line.rstrip("\n").split("\t")
             if int(user) <= users:
                 rows.setdefault(user, []).append((float(stamp), item, line))
-    kept = [line for seq in rows.values() for _, _, line in sorted(seq)[-last if last else 0:]]
-    items = {line.split("\t", 2)[1] for line in kept}
+    kept = [entry for seq in rows.values() for entry in sorted(seq)[-last if last else 0:]]  # (stamp, item, line)
+    items = {item for _, item, _ in kept}
     with open(os.path.join(src, "ml-100k.item")) as f_in:
         item_text = f_in.readline() + "".join(line for line in f_in if line.split("\t", 1)[0] in items)
     # .item first, each file whole (temp file, then rename): a slice with its .inter is a complete slice
     atomic_write_text(os.path.join(folder, f"{name}.item"), item_text)
-    atomic_write_text(os.path.join(folder, f"{name}.inter"), header + "".join(kept))
+    atomic_write_text(os.path.join(folder, f"{name}.inter"), header + "".join(line for _, _, line in kept))
     return folder
 
 
