@@ -18,6 +18,8 @@ import os
 import random
 from typing import Iterable, Optional, Tuple
 
+from recbole_llmfuse.files import atomic_write, atomic_write_text
+
 
 def write_walks(root: str, name: str, users: int = 60, items: int = 40, length: Tuple[int, int] = (6, 14),
                 steps: Tuple[int, ...] = (1, 3), seed: int = 0) -> str:
@@ -25,19 +27,18 @@ def write_walks(root: str, name: str, users: int = 60, items: int = 40, length: 
     drawn per user from ``steps``, modulo ``items``) for a length drawn from ``length``; items are ``i1..iN`` with
     a title ``widget <n>`` and a brand (``acme``, ``globex`` or empty). Returns ``root`` (RecBole's ``data_path``)."""
     folder = os.path.join(root, name)
-    os.makedirs(folder, exist_ok=True)
     rng = random.Random(seed)
-    with open(os.path.join(folder, f"{name}.inter"), "w") as f:
-        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
-        for u in range(1, users + 1):
-            item, step = rng.randrange(items), rng.choice(steps)
-            for t in range(rng.randint(*length)):
-                f.write(f"u{u}\ti{item + 1}\t{1000 * u + t}\n")
-                item = (item + step) % items
-    with open(os.path.join(folder, f"{name}.item"), "w") as f:
-        f.write("item_id:token\ttitle:token_seq\tbrand:token\n")
-        for i in range(1, items + 1):
-            f.write(f"i{i}\twidget {i}\t{['acme', 'globex', ''][i % 3]}\n")
+    inter = ["user_id:token\titem_id:token\ttimestamp:float\n"]
+    for u in range(1, users + 1):
+        item, step = rng.randrange(items), rng.choice(steps)
+        for t in range(rng.randint(*length)):
+            inter.append(f"u{u}\ti{item + 1}\t{1000 * u + t}\n")
+            item = (item + step) % items
+    item_rows = ["item_id:token\ttitle:token_seq\tbrand:token\n"]
+    item_rows += [f"i{i}\twidget {i}\t{['acme', 'globex', ''][i % 3]}\n" for i in range(1, items + 1)]
+    # each file by rename, .item first: a folder whose .inter exists holds both whole
+    atomic_write_text(os.path.join(folder, f"{name}.item"), "".join(item_rows))
+    atomic_write_text(os.path.join(folder, f"{name}.inter"), "".join(inter))
     return root
 
 
@@ -100,11 +101,10 @@ def write_amazon_category(folder: str, name: str = "Synthetic_Pantry", users: in
             else:
                 li = rng.choice(favourite + [rng.randrange(len(lines))])
                 rank = rng.choices(range(len(lines[li])), weights[li])[0]
-    os.makedirs(folder, exist_ok=True)
     paths = os.path.join(folder, f"{name}.json.gz"), os.path.join(folder, f"meta_{name}.json.gz")
     for path, records in zip(paths, (reviews, meta)):
-        with gzip.open(path, "wt", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        atomic_write(path, lambda f, text=text: f.write(gzip.compress(text.encode("utf-8"), mtime=0)))
     return paths
 
 

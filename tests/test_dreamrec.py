@@ -2,6 +2,8 @@
 item table of DreamRec-PtE, scores that repeat, and both models learning the tiny world's walks."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -60,22 +62,31 @@ def _build(model, tiny_world, **extra):
     return build(Config(model, TINY, config_dict=cfg, argv=[]))
 
 
+def _generate_recording(model, interaction):
+    """``(c, x̂0, calls)``: the guidance of a test batch, the generated item and the ``(cond, t)`` of every denoiser
+    call made to generate it."""
+    c = model.encode(interaction)
+    calls = []
+    original = model.denoiser.forward
+
+    def record(x_t, cond, t):
+        calls.append((cond, t))
+        return original(x_t, cond, t)
+
+    model.denoiser.forward = record
+    try:
+        return c, model.generate(c), calls
+    finally:
+        del model.denoiser.forward
+
+
 def test_guidance_is_classifier_free_and_scores_repeat(tiny_world):
     _, model, _, _, test_data = _build("DreamRec", tiny_world, dreamrec_guidance=2.0, dreamrec_sample_stride=500)
     model.eval()
     interaction = next(iter(test_data))[0]
     with torch.no_grad():
-        c = model.encode(interaction)
-        seen = []
-        original = model.denoiser.forward
-
-        def record(x_t, cond, t):
-            seen.append(cond)
-            return original(x_t, cond, t)
-
-        model.denoiser.forward = record
-        x0 = model.generate(c)
-        del model.denoiser.forward
+        c, x0, calls = _generate_recording(model, interaction)
+        seen = [cond for cond, _ in calls]
         # each step: one call with c, one with the learned "no condition" vector
         assert len(seen) == 2 * 4 and torch.equal(seen[0], c)
         assert torch.equal(seen[1], model.no_condition.expand_as(c))
@@ -84,6 +95,28 @@ def test_guidance_is_classifier_free_and_scores_repeat(tiny_world):
         assert torch.equal(model.full_sort_predict(interaction), scores)  # seeded noise: the same scores again
         model.guidance = 0.0  # w = 0: the conditional model alone
         assert not torch.allclose(model.generate(c), x0)
+
+
+def test_mean_scoring_is_the_guided_prediction_averaged_over_the_starting_noise(tiny_world):
+    """``dreamrec_scoring: mean``: one guided x0 prediction at step T-1 from x_T = 0. The denoiser is linear in x_t, so
+    that equals the average over any noise and its mirror image (antithetic pairs), exactly."""
+    _, model, _, _, test_data = _build("DreamRec", tiny_world, dreamrec_guidance=2.0, dreamrec_scoring="mean")
+    model.eval()
+    interaction = next(iter(test_data))[0]
+    with torch.no_grad():
+        c, x0, calls = _generate_recording(model, interaction)
+        assert len(calls) == 2 and bool((calls[0][1] == 1999).all())  # one step (conditional and "none"), at T-1
+        empty = model.no_condition.expand_as(c)
+        t = torch.full((c.shape[0],), 1999)
+
+        def guided(x):
+            return 3.0 * model.denoiser(x, c, t) - 2.0 * model.denoiser(x, empty, t)
+
+        noise = torch.randn(16, *c.shape, generator=torch.Generator().manual_seed(1))
+        average = torch.stack([(guided(n) + guided(-n)) / 2 for n in noise]).mean(0)
+        assert torch.allclose(x0, average, atol=1e-4)
+        assert not torch.allclose(x0, guided(noise[0]), atol=1e-2)  # one draw is not the mean
+        assert torch.equal(model.full_sort_predict(interaction), x0 @ model.item_table().T)
 
 
 def test_condition_dropout_and_the_loss_is_the_x0_regression(tiny_world):
@@ -131,9 +164,10 @@ def test_dreamrec_pte_table_is_the_frozen_full_whitening_of_the_profiles(tiny_wo
     ("loss_type", "CE", "DreamRec[loss_type=MSE]"),
     ("dreamrec_sample_stride", 0, "dreamrec_sample_stride 0: must be a whole number >= 1"),
     ("dreamrec_cond_dropout", 1.0, "dreamrec_cond_dropout 1.0"),
+    ("dreamrec_scoring", "average", "dreamrec_scoring 'average': choose one of ('sample', 'mean')"),
 ])
 def test_bad_settings_are_one_line(tiny_world, key, value, words):
-    with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ConfigError, match=re.escape(words)):
         _build("DreamRec", tiny_world, **{key: value})
 
 
@@ -149,10 +183,11 @@ def test_pte_backbones_bad_modes_are_one_line(tiny_world, model, key, value, wor
         _build(model, tiny_world, **{key: value})
 
 
-@pytest.mark.parametrize("model", ["DreamRec", "DreamRecPtE"])
-def test_dreamrec_learns(tiny_world, model):
-    """The tiny world's walks: the generated item ranks the next step above popularity by the common margin."""
-    cfg = {**TINY_LEARN, "data_path": tiny_world, **PTE_TEMPLATE}
+@pytest.mark.parametrize("model, scoring", [("DreamRec", "sample"), ("DreamRec", "mean"), ("DreamRecPtE", "sample")])
+def test_dreamrec_learns(tiny_world, model, scoring):
+    """The tiny world's walks: the generated (or expected) item ranks the next step above popularity by the common
+    margin."""
+    cfg = {**TINY_LEARN, "data_path": tiny_world, **PTE_TEMPLATE, "dreamrec_scoring": scoring}
     _, _, losses, result, pop = fit_and_test(Config(model, TINY, config_dict=cfg, argv=[]), epochs=12)
     assert losses[-1] < losses[0]
     assert result["hit@10"] > pop + LEARNS_MARGIN, (result["hit@10"], pop)

@@ -11,13 +11,13 @@ model) and ``epoch_time.png`` to ``--out``.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 from collections import defaultdict
 
 import recbole_llmfuse  # noqa: F401
 from recbole_llmfuse.config import Config
+from recbole_llmfuse.files import atomic_write_text, png_figure, write_csv
 from recbole_llmfuse.quick_start import execute
 
 
@@ -51,10 +51,7 @@ def main(argv=None):
             rows.append(row)
             print(f"[{model} seed={seed}] epoch {row['epoch_s']:.1f}s  test ndcg@10 {row['test_ndcg@10']:.4f}", flush=True)
 
-    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(os.path.join(args.out, "results.csv"), rows, list(rows[0]))
 
     by_model = defaultdict(list)
     for row in rows:
@@ -78,25 +75,17 @@ def main(argv=None):
             f"| {m} | {r_mean:.3f} ± {r_std:.3f} | {n_mean:.4f} ± {n_std:.4f} | {c_mean:.4f} ± {c_std:.4f} | {e_ratio:.2f} |"
         )
     table = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(table)
+    atomic_write_text(os.path.join(args.out, "results.md"), table)
     print(table)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax1.bar(models, [statistics.mean(ratios[m]) for m in models], yerr=[mean_std(ratios[m])[1] for m in models])
-    ax1.set_ylabel(f"epoch time / {base}")
-    ax1.axhline(0.5, ls="--", c="grey", lw=1)
-    ax2.bar(models, [mean_std([r["test_ndcg@10"] for r in by_model[m]])[0] for m in models],
-            yerr=[mean_std([r["test_ndcg@10"] for r in by_model[m]])[1] for m in models])
-    ax2.set_ylabel("test NDCG@10")
-    fig.suptitle(f"{args.dataset}: {args.epochs} epochs, seeds {args.seeds}")
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "epoch_time.png"), dpi=120)
+    with png_figure(os.path.join(args.out, "epoch_time.png"), ncols=2, figsize=(9, 3.5)) as (fig, (ax1, ax2)):
+        ax1.bar(models, [statistics.mean(ratios[m]) for m in models], yerr=[mean_std(ratios[m])[1] for m in models])
+        ax1.set_ylabel(f"epoch time / {base}")
+        ax1.axhline(0.5, ls="--", c="grey", lw=1)
+        ax2.bar(models, [mean_std([r["test_ndcg@10"] for r in by_model[m]])[0] for m in models],
+                yerr=[mean_std([r["test_ndcg@10"] for r in by_model[m]])[1] for m in models])
+        ax2.set_ylabel("test NDCG@10")
+        fig.suptitle(f"{args.dataset}: {args.epochs} epochs, seeds {args.seeds}")
 
 
 if __name__ == "__main__":

@@ -12,12 +12,12 @@ tail items (top 20% / other 80% by training popularity). Writes ``grad_balance.c
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 
 import torch
 
 import recbole_llmfuse
+from recbole_llmfuse.files import png_figure, write_csv
 from recbole_llmfuse.stats import item_groups, training_counts
 from recbole_llmfuse.quick_start import build
 
@@ -74,29 +74,20 @@ def main(argv=None):
             if step >= args.steps:
                 break
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "grad_balance.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    write_csv(os.path.join(args.out, "grad_balance.csv"), rows, list(rows[0]))
     titles = {"head": "ID rows of head items (mean per-row norm)", "tail": "ID rows of tail items (mean per-row norm)",
               "adapter": "text adapter f (norm over its parameters)"}
-    for ax, part in zip(axes, ("head", "tail", "adapter")):
-        for name, label in (("rec", "recommendation (BCE)"), ("ila", "α·w_I·ILA"), ("fla", "α·(1−w_I)·FLA")):
-            ax.plot([r["step"] for r in rows], [r[f"grad_{name}_{part}"] or float("nan") for r in rows], marker="o", label=label)
-        ax.set_yscale("log")
-        ax.set_xlabel("optimizer step")
-        ax.set_title(titles[part], fontsize=10)
-    axes[0].set_ylabel("gradient norm")
-    axes[0].legend()
-    fig.suptitle("FAERec on ml-100k: gradient each loss term sends (the FLA weight is 0 where w_I = 1)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "grad_balance.png"), dpi=120)
+    with png_figure(os.path.join(args.out, "grad_balance.png"), ncols=3, figsize=(15, 4)) as (fig, axes):
+        for ax, part in zip(axes, ("head", "tail", "adapter")):
+            for name, label in (("rec", "recommendation (BCE)"), ("ila", "α·w_I·ILA"), ("fla", "α·(1−w_I)·FLA")):
+                ax.plot([r["step"] for r in rows], [r[f"grad_{name}_{part}"] or float("nan") for r in rows], marker="o",
+                        label=label)
+            ax.set_yscale("log")
+            ax.set_xlabel("optimizer step")
+            ax.set_title(titles[part], fontsize=10)
+        axes[0].set_ylabel("gradient norm")
+        axes[0].legend()
+        fig.suptitle("FAERec on ml-100k: gradient each loss term sends (the FLA weight is 0 where w_I = 1)", fontsize=10)
     print(f"wrote {args.out}/grad_balance.csv and grad_balance.png")
 
 

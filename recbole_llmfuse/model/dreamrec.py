@@ -99,6 +99,7 @@ class DreamRec(SequentialBase):
     :meth:`encode`."""
 
     loss_types = ("MSE",)
+    SCORINGS = ("sample", "mean")
     loss_hint = (" (DreamRec trains with the DDPM loss, loss_type: MSE; in a bench whose --tune space varies "
                  "loss_type, fix it in the label: DreamRec[loss_type=MSE])")
 
@@ -109,6 +110,10 @@ class DreamRec(SequentialBase):
         dim = self.make_item_table(config)
         self.guidance, self.cond_dropout = float(config["dreamrec_guidance"]), float(config["dreamrec_cond_dropout"])
         self.stride, self.sample_seed = int(config["dreamrec_sample_stride"]), int(config["dreamrec_sample_seed"])
+        self.scoring = config["dreamrec_scoring"]
+        if self.scoring not in self.SCORINGS:
+            raise ConfigError(f"dreamrec_scoring '{self.scoring}': choose one of {self.SCORINGS} (sample: the paper's "
+                              "generated item; mean: the expected item, one guided step from the noise's mean)")
         self.backbone = SequenceBackbone(config, self.max_seq_length, hidden_size=dim)
         self.denoiser = Denoiser(dim)
         self.no_condition = nn.Parameter(torch.zeros(dim))  # ∅ of classifier-free guidance
@@ -158,14 +163,23 @@ class DreamRec(SequentialBase):
         return F.mse_loss(self.denoiser(x_t, c, t), x0)
 
     def generate(self, c: torch.Tensor) -> torch.Tensor:
-        """The guided oracle item ``x̂0 [B, d]`` for guidance ``c [B, d]`` (noise from the seeded generator)."""
-        generator = torch.Generator(device=c.device).manual_seed(self.sample_seed)
-        noise = torch.randn(c.shape, generator=generator, device=c.device, dtype=c.dtype)
+        """The guided oracle item ``x̂0 [B, d]`` for guidance ``c [B, d]``.
+
+        ``dreamrec_scoring: sample`` (the paper): DDIM from noise drawn by the seeded generator. ``mean`` (ours): the
+        guided ``x0`` prediction at the last step ``T-1`` from ``x_T = 0``, the noise's mean. The denoiser is linear
+        in ``x_t``, so this is exactly the average of that first prediction over every starting noise, the model's
+        estimate of ``E[x0 | c]``; its inner product with an item is the expected inner product of a generated item
+        with it, where one sample's ranking adds the noise of one draw."""
         empty = self.no_condition.expand_as(c)
 
         def guided(x, t):
             return (1 + self.guidance) * self.denoiser(x, c, t) - self.guidance * self.denoiser(x, empty, t)
 
+        if self.scoring == "mean":
+            last = torch.full((c.shape[0],), self.diffusion.steps - 1, dtype=torch.long, device=c.device)
+            return guided(torch.zeros_like(c), last)
+        generator = torch.Generator(device=c.device).manual_seed(self.sample_seed)
+        noise = torch.randn(c.shape, generator=generator, device=c.device, dtype=c.dtype)
         return self.diffusion.sample(guided, noise, self.stride)
 
     def predict(self, interaction) -> torch.Tensor:
