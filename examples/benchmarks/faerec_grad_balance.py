@@ -73,7 +73,6 @@ def main(argv=None):
             step += 1
             if step >= args.steps:
                 break
-    os.makedirs(args.out, exist_ok=True)
     write_csv(os.path.join(args.out, "grad_balance.csv"), rows, list(rows[0]))
     titles = {"head": "ID rows of head items (mean per-row norm)", "tail": "ID rows of tail items (mean per-row norm)",
               "adapter": "text adapter f (norm over its parameters)"}
